@@ -1,0 +1,57 @@
+# resens: the front door. Every target installs into .venv first when needed.
+PYTHON  ?= python3
+VENV    ?= .venv
+PY      := $(VENV)/bin/python
+STAMP   := $(VENV)/.installed
+OUT     ?= runs
+CONFIG  ?=
+CKPT    ?=
+DATA    ?=
+RESUME  ?=
+ARGS    ?=
+
+.PHONY: install demo train-cifar train-cifar-sd train-imagenet lesion test test-fast lint bench clean
+
+install: $(STAMP)
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+## The embedded demo: digits ResNet and plain network, trained on the CPU, then analysed.
+demo: install
+	WANDB_SILENT=true $(PY) -m resens.demo --out $(OUT)/demo $(ARGS)
+
+## The paper's CIFAR-10 ResNet-110 (164 epochs). DATA=/path/to/cifar (default: data/, downloaded if absent).
+train-cifar: install
+	$(PY) -m resens.train configs/cifar10_resnet110.yaml out_dir=$(OUT) \
+		$(if $(DATA),data.root=$(DATA),data.download=true) $(if $(RESUME),resume=$(RESUME)) $(ARGS)
+
+train-cifar-sd: install
+	$(PY) -m resens.train configs/cifar10_resnet110_sd.yaml out_dir=$(OUT) \
+		$(if $(DATA),data.root=$(DATA),data.download=true) $(if $(RESUME),resume=$(RESUME)) $(ARGS)
+
+## Pre-activation ResNet-200 on ImageNet. DATA=/path/to/imagenet (with train/ and val/).
+train-imagenet: install
+	@test -n "$(DATA)" || { echo "error: set DATA=/path/to/imagenet (a folder with train/ and val/)"; exit 2; }
+	$(PY) -m resens.train configs/imagenet_resnet200.yaml out_dir=$(OUT) data.root=$(DATA) \
+		$(if $(RESUME),resume=$(RESUME)) $(ARGS)
+
+## Analyses of a saved checkpoint: make lesion CKPT=path [CONFIG=configs/x.yaml] [OUT=dir]
+lesion: install
+	@test -n "$(CKPT)" || { echo "error: set CKPT=path/to/checkpoint.ckpt"; exit 2; }
+	$(PY) -m resens.analyze --checkpoint $(CKPT) $(if $(CONFIG),--config $(CONFIG)) \
+		$(if $(filter-out runs,$(OUT)),--out $(OUT)) $(ARGS)
+
+test: install
+	$(PY) -m pytest -q
+
+test-fast: install
+	$(PY) -m pytest -q -m "not slow"
+
+lint: install
+	$(PY) -m ruff check resens callbacks tests
+
+clean:
+	rm -rf runs .pytest_cache .ruff_cache

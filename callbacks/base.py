@@ -1,0 +1,198 @@
+"""What every analysis callback shares: when it runs, which data it sees, where results go.
+
+An analysis runs at the end of training (``on_train_end``, while the model is still on its
+device) and at the end of ``trainer.test`` (``resens.analyze``). Every rank computes on its
+shard of the test set, counts are summed across ranks, and global rank 0 writes
+``analysis.json``, the PNG figures and the W&B tables.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.loggers import WandbLogger
+from omegaconf import DictConfig
+from lightning.pytorch.callbacks import RichProgressBar
+from torch import Tensor
+from tqdm.auto import tqdm
+
+# Cache the test set in memory when it is at most this many bytes (CIFAR-10: 123 MB).
+CACHE_BYTES = 4 << 30
+
+
+class AnalysisContext:
+    """Per-trainer state shared by the analysis callbacks of one run."""
+
+    def __init__(self, trainer: L.Trainer) -> None:
+        self.trainer = trainer
+        self.results: dict[str, Any] = {}
+        self.timings: dict[str, float] = {}
+        self._test_batches: list[tuple[Tensor, Tensor]] | None = None
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.trainer.default_root_dir)
+
+    def test_batches(self, max_batches: int | None) -> list[tuple[Tensor, Tensor]] | Any:
+        """This rank's shard of the test set: batch j goes to rank j mod world size, so the
+        union over ranks is the same whatever the number of processes."""
+        if self._test_batches is not None:
+            return self._test_batches
+        dm = self.trainer.datamodule
+        dm.setup("test")
+        loader = dm.test_dataloader()
+        rank, world = self.trainer.global_rank, self.trainer.world_size
+        count = len(loader) if max_batches is None else min(max_batches, len(loader))
+
+        def shard():
+            for j, batch in enumerate(loader):
+                if j >= count:
+                    break
+                if j % world == rank:
+                    yield batch[0], batch[1]
+
+        first_x = dm.test_set[0][0]
+        if first_x.numel() * 4 * len(dm.test_set) <= CACHE_BYTES:
+            self._test_batches = list(shard())
+            return self._test_batches
+        return shard()
+
+    def sum_across_ranks(self, tensor: Tensor, device: torch.device) -> Tensor:
+        """Sum an integer count tensor over all processes (exact)."""
+        if self.trainer.world_size == 1:
+            return tensor
+        return self.trainer.strategy.reduce(tensor.to(device), reduce_op="sum").cpu()
+
+    def write(self, key: str, value: Any) -> None:
+        """Add ``key`` to ``analysis.json`` in the run folder (rank 0 only)."""
+        self.results[key] = value
+        if not self.trainer.is_global_zero:
+            return
+        path = self.run_dir / "analysis.json"
+        data = json.loads(path.read_text()) if path.is_file() else {}
+        data[key] = value
+        data.setdefault("timings_s", {}).update(self.timings)
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(data, indent=1))
+        tmp.replace(path)  # never a half-written analysis.json
+
+    def wandb(self):
+        for logger in self.trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                return logger.experiment
+        return None
+
+    def log_table(self, name: str, columns: list[str], rows: list[list[Any]], line: tuple[str, str] | None = None, title: str = "") -> None:
+        """A W&B table under ``analysis/<name>``, plus a native line plot of two of its columns."""
+        run = self.wandb() if self.trainer.is_global_zero else None
+        if run is None:
+            return
+        import wandb
+
+        table = wandb.Table(columns=columns, data=rows)
+        payload = {f"analysis/{name}/table": table}
+        if line is not None:
+            payload[f"analysis/{name}/plot"] = wandb.plot.line(table, line[0], line[1], title=title or name)
+        run.log(payload)
+
+    def log_figure(self, name: str, fig) -> None:
+        """Save ``fig`` as ``<run>/figures/<name>.png`` and log it to W&B."""
+        if not self.trainer.is_global_zero:
+            return
+        import matplotlib.pyplot as plt
+
+        out = self.run_dir / "figures" / f"{name.replace('/', '_')}.png"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(out, dpi=150, bbox_inches="tight")
+        run = self.wandb()
+        if run is not None:
+            import wandb
+
+            run.log({f"analysis/{name}/figure": wandb.Image(str(out))})
+        plt.close(fig)
+
+    def log_summary(self, values: dict[str, float]) -> None:
+        run = self.wandb() if self.trainer.is_global_zero else None
+        if run is not None:
+            for k, v in values.items():
+                run.summary[f"analysis/{k}"] = v
+
+    def progress(self, description: str, total: int | None) -> ProgressBar:
+        return ProgressBar(self.trainer, description, total)
+
+
+class ProgressBar:
+    """A progress bar for a long analysis, on rank 0 when the trainer shows one: a task in the
+    trainer's rich progress display if it has one, else a tqdm bar. Use as a context manager."""
+
+    def __init__(self, trainer: L.Trainer, description: str, total: int | None) -> None:
+        self._rich = self._task = self._tqdm = None
+        bar = trainer.progress_bar_callback
+        if not trainer.is_global_zero or bar is None or not bar.is_enabled:
+            return
+        if isinstance(bar, RichProgressBar) and bar.progress is not None:
+            self._rich = bar.progress
+            self._task = self._rich.add_task(f"[bold]{description}", total=total)
+        else:
+            self._tqdm = tqdm(total=total, desc=description, leave=False, dynamic_ncols=True)
+
+    def advance(self, k: int = 1) -> None:
+        if self._rich is not None:
+            self._rich.advance(self._task, k)
+        elif self._tqdm is not None:
+            self._tqdm.update(k)
+
+    def __enter__(self) -> ProgressBar:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._rich is not None:
+            self._rich.remove_task(self._task)
+        elif self._tqdm is not None:
+            self._tqdm.close()
+
+
+def context(trainer: L.Trainer) -> AnalysisContext:
+    ctx = getattr(trainer, "_resens_analysis", None)
+    if ctx is None:
+        ctx = AnalysisContext(trainer)
+        trainer._resens_analysis = ctx
+    return ctx
+
+
+class AnalysisCallback(L.Callback):
+    """Runs ``compute`` on every rank and ``report`` on rank 0; subclasses set ``name``."""
+
+    name: str = ""
+
+    def __init__(self, cfg: DictConfig) -> None:
+        self.cfg = cfg  # the ``analysis`` section of the run config
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._run(trainer, pl_module)
+
+    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._run(trainer, pl_module)
+
+    def _run(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        ctx = context(trainer)
+        start = time.perf_counter()
+        result = self.compute(ctx, pl_module.model, pl_module.device)
+        ctx.timings[self.name] = round(time.perf_counter() - start, 3)
+        if result is not None:
+            self.report(ctx, pl_module.model, result)
+
+    def compute(self, ctx: AnalysisContext, model: torch.nn.Module, device: torch.device) -> Any:
+        raise NotImplementedError
+
+    def report(self, ctx: AnalysisContext, model: torch.nn.Module, result: Any) -> None:
+        raise NotImplementedError
+
+    def generator(self, offset: int = 0) -> torch.Generator:
+        """A seeded generator, the same on every rank."""
+        return torch.Generator().manual_seed(self.cfg.seed + offset)

@@ -1,0 +1,148 @@
+"""Figures in the style of Veit et al. (2016), from the lists written to ``analysis.json``.
+
+Each function returns a matplotlib Figure; callers save and log it. Errors are fractions (0..1)
+and shown as percentages.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+PAPER = dict(color="0.55", linestyle="--", marker="", label="Veit et al. 2016")
+
+
+def _pct(values) -> np.ndarray:
+    return 100 * np.asarray(values, dtype=float)
+
+
+def single_deletion(
+    runs: Mapping[str, Mapping], reference: Sequence[float] | None = None, reference_baseline: float | None = None
+) -> Figure:
+    """Test error with each block deleted, one line per run (e.g. ResNet against plain network).
+
+    ``runs``: label -> {"baseline_error": e, "single_deletion": [{"block", "error", "downsampling"}]}.
+    """
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    for i, (label, r) in enumerate(runs.items()):
+        rows = r["single_deletion"]
+        color = f"C{i}"
+        blocks = [row["block"] for row in rows]
+        ax.plot(blocks, _pct([row["error"] for row in rows]), "o-", ms=3, color=color, label=f"{label}: block deleted")
+        ax.axhline(100 * r["baseline_error"], color=color, lw=1, ls=":", label=f"{label}: intact")
+        down = [row for row in rows if row["downsampling"]]
+        if down:
+            ax.plot([row["block"] for row in down], _pct([row["error"] for row in down]), "x", color="k", ms=7)
+    if reference is not None:
+        ax.plot(range(len(reference)), _pct(reference), **PAPER)
+        if reference_baseline is not None:
+            ax.axhline(100 * reference_baseline, color="0.55", lw=1, ls=":")
+    ax.set(xlabel="deleted block (0-based; × = downsampling)", ylabel="test error (%)", ylim=(0, None))
+    ax.set_title("Deleting one block")
+    ax.legend(fontsize=7)
+    return fig
+
+
+def _mean_std(xs: Sequence[float], ys: Sequence[float]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    groups: dict[float, list[float]] = defaultdict(list)
+    for x, y in zip(xs, ys):
+        groups[x].append(y)
+    keys = np.array(sorted(groups))
+    return keys, np.array([np.mean(groups[k]) for k in keys]), np.array([np.std(groups[k]) for k in keys])
+
+
+def multi_deletion(rows: Sequence[Mapping], reference: Mapping[int, float] | None = None, label: str = "") -> Figure:
+    """Mean ± std test error against the number of deleted blocks k; dots are single runs."""
+    fig, ax = plt.subplots(figsize=(5, 3.6))
+    k = [r["k"] for r in rows]
+    err = _pct([r["error"] for r in rows])
+    ax.scatter(k, err, s=4, alpha=0.25, color="C0")
+    ks, mean, std = _mean_std(k, err)
+    ax.errorbar(ks, mean, yerr=std, color="C0", marker="o", ms=3, capsize=2, label=label or "mean ± std")
+    if reference:
+        rk = sorted(reference)
+        ax.plot(rk, _pct([reference[x] for x in rk]), **PAPER)
+    ax.set(xlabel="number of blocks deleted", ylabel="test error (%)", title="Deleting many blocks")
+    ax.legend(fontsize=8)
+    return fig
+
+
+def reorder(rows: Sequence[Mapping], reference: Mapping[int, float] | None = None) -> Figure:
+    """Test error against the number of swaps and against Kendall's tau."""
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.6), sharey=True)
+    swaps = [r["swaps"] for r in rows]
+    err = _pct([r["error"] for r in rows])
+    a.scatter(swaps, err, s=4, alpha=0.25)
+    xs, mean, std = _mean_std(swaps, err)
+    a.errorbar(xs, mean, yerr=std, marker="o", ms=3, capsize=2, label="mean ± std")
+    if reference:
+        rk = sorted(reference)
+        a.plot(rk, _pct([reference[x] for x in rk]), **PAPER)
+    a.set(xlabel="number of swaps", ylabel="test error (%)", title="Reordering blocks")
+    a.legend(fontsize=8)
+    b.scatter([r["kendall_tau"] for r in rows], err, s=5, alpha=0.4, c=swaps, cmap="viridis")
+    b.set(xlabel="Kendall's tau (original vs new order)", title="Error against order similarity")
+    b.invert_xaxis()
+    return fig
+
+
+def path_lengths(rows: Sequence[Mapping]) -> Figure:
+    fig, ax = plt.subplots(figsize=(5, 3.4))
+    ax.bar([r["length"] for r in rows], [r["fraction"] for r in rows], width=1.0, color="C0")
+    ax.set(xlabel="path length (blocks)", ylabel="fraction of paths", title=f"Path lengths: Binomial({len(rows) - 1}, 1/2)")
+    return fig
+
+
+def path_gradient(rows: Sequence[Mapping]) -> Figure:
+    """Mean ± std gradient norm at the input against path length, log scale."""
+    fig, ax = plt.subplots(figsize=(5, 3.4))
+    k = np.array([r["length"] for r in rows])
+    mean = np.array([r["mean_norm"] for r in rows])
+    std = np.array([r["std_norm"] for r in rows])
+    ax.fill_between(k, np.clip(mean - std, mean * 1e-3, None), mean + std, alpha=0.25)
+    ax.plot(k, mean, "o-", ms=3)
+    ax.set_yscale("log")
+    ax.set(xlabel="path length (blocks)", ylabel="gradient norm at input", title="Gradient per path")
+    return fig
+
+
+def effective_paths(rows: Sequence[Mapping], effective: Mapping) -> Figure:
+    """Total gradient magnitude per path length (paths × gradient per path), effective range shaded."""
+    fig, ax = plt.subplots(figsize=(5, 3.4))
+    k = [r["length"] for r in rows]
+    ax.plot(k, [r["total_gradient"] for r in rows], "o-", ms=3)
+    lo, hi = effective["lengths"]
+    ax.axvspan(lo - 0.5, hi + 0.5, alpha=0.2, color="C1",
+               label=f"lengths {lo}–{hi}: {100 * effective['share_of_gradient']:.0f}% of gradient, "
+               f"{100 * effective['share_of_paths']:.2g}% of paths")
+    ax.set(xlabel="path length (blocks)", ylabel="total gradient magnitude", title="Effective paths")
+    ax.legend(fontsize=7)
+    return fig
+
+
+def stochastic_depth(result: Mapping) -> Figure:
+    """Surviving fraction of all and of effective paths against blocks deleted, and the error
+    against k of this run next to a comparison run (when there is one)."""
+    curves = result.get("error_vs_k", {})
+    fig, axes = plt.subplots(1, 2 if curves else 1, figsize=(9 if curves else 5, 3.4), squeeze=False)
+    ax = axes[0][0]
+    rows = result["survival"]
+    d = [r["deleted"] for r in rows]
+    ax.plot(d, [r["all_paths"] for r in rows], "o-", ms=3, label="all paths")
+    ax.plot(d, [r["effective_paths"] for r in rows], "s-", ms=3, label="effective paths")
+    ax.set(xlabel="blocks deleted", ylabel="fraction surviving", title="Paths surviving deletion", yscale="log")
+    ax.legend(fontsize=8)
+    if curves:
+        ax = axes[0][1]
+        for label, pts in curves.items():
+            ax.plot([p[0] for p in pts], _pct([p[1] for p in pts]), "o-", ms=3, label=label)
+        ax.set(xlabel="blocks deleted", ylabel="test error (%)", title="Resilience to deletion")
+        ax.legend(fontsize=8)
+    return fig

@@ -1,0 +1,76 @@
+"""Run the paper's analyses on a saved checkpoint, without training.
+
+    python -m resens.analyze --checkpoint runs/cifar10-resnet110-.../checkpoints/last.ckpt \\
+        [--config configs/cifar10_resnet110.yaml] [--out DIR] [key=value ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import lightning as L
+from omegaconf import OmegaConf
+
+from resens import config as config_lib
+from resens.checkpoint import check_compatible, load_checkpoint
+from resens.data import build_datamodule
+from resens.errors import ConfigError, ResensError
+from resens.module import ResNetClassifier
+from resens.train import build_trainer
+
+
+def analyze(checkpoint: str | Path, config: str | None = None, out: str | None = None, overrides=()) -> Path:
+    """Load ``checkpoint`` safely, run the configured analyses, write them under ``out``."""
+    ckpt = load_checkpoint(checkpoint)
+    saved = config_lib.from_dict(ckpt["hyper_parameters"]["cfg"])
+    cfg = saved
+    if config is not None:
+        # The analysis and data settings come from CONFIG; the model always from the checkpoint.
+        cfg = OmegaConf.merge(config_lib.load(config), {"model": saved.model})
+    try:
+        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+    except Exception as err:
+        raise ConfigError(str(err).splitlines()[0]) from None
+    cfg = config_lib.from_dict(config_lib.to_dict(cfg))
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    ckpt_path = Path(checkpoint)
+    run_dir = ckpt_path.parent.parent if ckpt_path.parent.name == "checkpoints" else ckpt_path.parent
+    out_dir = Path(out) if out else run_dir / f"lesion-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_id = f"{run_dir.name}-lesion-{time.strftime('%Y%m%d-%H%M%S')}"
+    hp = ckpt["hyper_parameters"]
+    datamodule = build_datamodule(cfg.data, hp["per_device_batch"])
+    module = ResNetClassifier(config_lib.to_dict(cfg), hp["num_classes"], hp["in_channels"], hp["per_device_batch"])
+    check_compatible(ckpt, module, checkpoint)
+    module.load_state_dict(ckpt["state_dict"])
+    if (datamodule.num_classes, datamodule.in_channels) != (hp["num_classes"], hp["in_channels"]):
+        raise ConfigError(
+            f"data '{cfg.data.name}' has {datamodule.num_classes} classes and {datamodule.in_channels} "
+            f"channels; the checkpoint was trained on {hp['num_classes']} and {hp['in_channels']}"
+        )
+    trainer = build_trainer(cfg, out_dir, run_id, [], job_type="analysis")
+    trainer.test(module, datamodule=datamodule, verbose=False)
+    if trainer.is_global_zero:
+        print(f"analysis written to {out_dir}/analysis.json")
+    return out_dir
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="resens-analyze", description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", "-c", required=True, help="a resens checkpoint (.ckpt)")
+    parser.add_argument("--config", help="YAML whose analysis and data settings to use")
+    parser.add_argument("--out", help="output folder (default: <run>/lesion-<time>)")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. analysis.quick=true")
+    args = parser.parse_args(argv)
+    try:
+        analyze(args.checkpoint, args.config, args.out, args.overrides)
+    except ResensError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

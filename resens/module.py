@@ -1,0 +1,143 @@
+"""``ResNetClassifier``: the *what* of training (model, loss, metrics, optimizer, schedule)."""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig
+from torch import Tensor
+from torchmetrics.classification import MulticlassAccuracy
+
+from resens import config as config_lib
+from resens.errors import ResensError
+from resens.models import ResidualNet, cifar_plain, cifar_resnet, imagenet_resnet
+
+BUILDERS = {"cifar_resnet": cifar_resnet, "cifar_plain": cifar_plain, "imagenet_resnet": imagenet_resnet}
+
+
+class NonFiniteLossError(ResensError):
+    """The training loss became NaN or infinite."""
+
+
+def build_model(cfg: DictConfig, num_classes: int, in_channels: int) -> ResidualNet:
+    m = cfg.model
+    kwargs = dict(num_classes=num_classes, in_channels=in_channels)
+    if m.width is not None:
+        kwargs["width"] = m.width
+    if m.arch == "imagenet_resnet":
+        kwargs.update(depth=m.depth, layers=m.layers, stochastic_depth=m.stochastic_depth, gate_seed=cfg.seed)
+    elif m.arch == "cifar_resnet":
+        kwargs.update(depth=m.depth, preact=m.preact, stochastic_depth=m.stochastic_depth, gate_seed=cfg.seed)
+    else:
+        kwargs.update(depth=m.depth)
+    try:
+        return BUILDERS[m.arch](**kwargs)
+    except ValueError as err:
+        raise config_lib.ConfigError(f"model: {err}") from None
+
+
+class ResNetClassifier(L.LightningModule):
+    """Cross-entropy classification with SGD and a step schedule; logs loss and error (0..1).
+
+    ``hparams.cfg`` holds the whole resolved run config, so a checkpoint rebuilds its model alone.
+    """
+
+    def __init__(self, cfg: dict, num_classes: int, in_channels: int, per_device_batch: int) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.cfg = config_lib.from_dict(cfg)
+        self.model = build_model(self.cfg, num_classes, in_channels)
+        self.train_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.val_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.register_buffer("_nonfinite", torch.tensor(False), persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model(x)
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x, y = batch
+        logits = self.model(x)
+        loss = F.cross_entropy(logits, y)
+        self._nonfinite |= ~torch.isfinite(loss.detach())
+        if x.device.type == "cpu" or batch_idx % 50 == 0:  # on a GPU, don't sync every step
+            self._raise_if_nonfinite()
+        self.train_acc(logits, y)
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True)
+        self.log("train/error", 1 - self.train_acc.compute(), on_step=False, on_epoch=True)
+        return loss
+
+    def on_train_epoch_end(self) -> None:
+        self._raise_if_nonfinite()
+        self.train_acc.reset()
+
+    def _raise_if_nonfinite(self) -> None:
+        if self._nonfinite.item():
+            raise NonFiniteLossError(
+                f"training loss became NaN or infinite (epoch {self.current_epoch}, step {self.global_step}); "
+                "stopped, the last good checkpoint is kept (try a lower optim.lr)"
+            )
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        x, y = batch
+        logits = self.model(x)
+        self.val_acc.update(logits, y)
+        self.log("val/loss", F.cross_entropy(logits, y), on_epoch=True, sync_dist=True)
+
+    def on_validation_epoch_end(self) -> None:
+        self.log("val/error", 1 - self.val_acc.compute(), prog_bar=True)
+        self.val_acc.reset()
+
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        x, y = batch
+        logits = self.model(x)
+        self.val_acc.update(logits, y)
+        self.log("test/loss", F.cross_entropy(logits, y), on_epoch=True, sync_dist=True)
+
+    def on_test_epoch_end(self) -> None:
+        self.log("test/error", 1 - self.val_acc.compute())
+        self.val_acc.reset()
+
+    def configure_optimizers(self):
+        o = self.cfg.optim
+        lr = self.peak_lr()
+        # fb.resnet.torch decays every weight, BatchNorm's included; so does the recipe here
+        opt = torch.optim.SGD(
+            self.model.parameters(),
+            lr=lr, momentum=o.momentum, nesterov=o.nesterov, weight_decay=o.weight_decay,
+        )
+        steps_per_epoch = max(1, self.trainer.estimated_stepping_batches // max(1, self.trainer.max_epochs))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, _StepSchedule(o, lr, steps_per_epoch))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def peak_lr(self) -> float:
+        o = self.cfg.optim
+        if not o.scale_lr_with_batch:
+            return o.lr
+        return o.lr * self.cfg.data.batch_size / o.base_batch_size
+
+
+class _StepSchedule:
+    """lr multiplier per optimizer step: optional constant warm-up (He et al.), optional linear
+    warm-up over epochs (Goyal et al., for scaled learning rates), then × gamma at each milestone."""
+
+    def __init__(self, o: DictConfig, peak_lr: float, steps_per_epoch: int) -> None:
+        self.milestones = [m * steps_per_epoch for m in o.milestones]
+        self.gamma = o.gamma
+        self.warmup_steps = o.warmup_steps if o.warmup_lr is not None else 0
+        self.warmup_factor = (o.warmup_lr / peak_lr) if o.warmup_lr is not None else 1.0
+        self.linear_steps = o.linear_warmup_epochs * steps_per_epoch
+
+    def __call__(self, step: int) -> float:
+        factor = self.gamma ** sum(step >= m for m in self.milestones)
+        if step < self.warmup_steps:
+            factor *= self.warmup_factor
+        if step < self.linear_steps:
+            factor *= (step + 1) / self.linear_steps
+        return factor
+
+
+def lr_at(o: DictConfig, peak_lr: float, steps_per_epoch: int, step: int) -> float:
+    """The learning rate at an optimizer step (used by tests and docs)."""
+    return peak_lr * _StepSchedule(o, peak_lr, steps_per_epoch)(step)
+
