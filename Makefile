@@ -55,3 +55,22 @@ lint: install
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache
+
+## SLURM: render configs/slurm/<experiment>.sbatch (one task per GPU, requeue on SIGUSR1) and
+## submit it; DRY_RUN=1 prints the script instead. Validates the config and the batch split first.
+##   make slurm-cifar NODES=1 GPUS=4 [DATA=..] [TIME=..] [PARTITION=..] [ACCOUNT=..] [ARGS="k=v ..."]
+##   make slurm-imagenet NODES=4 GPUS=8 DATA=/path/to/imagenet [...]
+.PHONY: slurm-cifar slurm-imagenet
+NODES   ?= 1
+GPUS    ?= 1
+SLURM_OPTS = --nodes $(NODES) --gpus $(GPUS) $(if $(DRY_RUN),--dry-run) $(if $(TIME),--time $(TIME)) \
+	$(if $(PARTITION),--partition $(PARTITION)) $(if $(ACCOUNT),--account $(ACCOUNT))
+
+slurm-cifar: install
+	@$(PY) -m resens.slurm configs/slurm/cifar10_resnet110.sbatch $(SLURM_OPTS) -- out_dir=$(OUT) \
+		$(if $(DATA),data.root=$(DATA)) $(if $(RESUME),resume=$(RESUME)) $(ARGS)
+
+slurm-imagenet: install
+	@test -n "$(DATA)" || { echo "error: set DATA=/path/to/imagenet (a folder with train/ and val/)"; exit 2; }
+	@$(PY) -m resens.slurm configs/slurm/imagenet_resnet200.sbatch $(SLURM_OPTS) -- out_dir=$(OUT) \
+		data.root=$(DATA) $(if $(RESUME),resume=$(RESUME)) $(ARGS)

@@ -6,9 +6,11 @@ from omegaconf import DictConfig
 
 from callbacks.base import AnalysisCallback
 from callbacks.deletion import MultiDeletion, Reorder, SingleDeletion
+from callbacks.paths import EffectivePaths, PathGradient, PathLengths, StochasticDepth
 
 REGISTRY: dict[str, type[AnalysisCallback]] = {
-    c.name: c for c in (SingleDeletion, MultiDeletion, Reorder)
+    c.name: c
+    for c in (SingleDeletion, MultiDeletion, Reorder, PathLengths, PathGradient, EffectivePaths, StochasticDepth)
 }
 
 
@@ -18,7 +20,10 @@ def build_analysis_callbacks(cfg: DictConfig) -> list[AnalysisCallback]:
     from resens.config import ANALYSES
 
     wanted = set(cfg.analysis.run)
-    return [REGISTRY[name](cfg.analysis) for name in ANALYSES if name in wanted and name in REGISTRY]
+    return [REGISTRY[name](cfg.analysis) for name in ANALYSES if name in wanted]
 
 
-__all__ = ["AnalysisCallback", "MultiDeletion", "Reorder", "SingleDeletion", "build_analysis_callbacks"]
+__all__ = [
+    "AnalysisCallback", "EffectivePaths", "MultiDeletion", "PathGradient", "PathLengths", "Reorder",
+    "SingleDeletion", "StochasticDepth", "build_analysis_callbacks",
+]

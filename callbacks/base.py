@@ -15,9 +15,9 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig
-from lightning.pytorch.callbacks import RichProgressBar
 from torch import Tensor
 from tqdm.auto import tqdm
 

@@ -26,18 +26,20 @@ def _reference(cfg):
 
 
 class SingleDeletion(AnalysisCallback):
-    """Test error with each block deleted in turn (its shortcut kept)."""
+    """Test error with each block deleted in turn (its shortcut kept). A plain network's blocks
+    that change the shape cannot be deleted and are left out."""
 
     name = "single_deletion"
 
     def compute(self, ctx, model, device):
         n = len(model.blocks)
-        vs = [variants.intact(n)] + [variants.deletion_variant(n, [i]) for i in range(n)]
+        blocks = [i for i in range(n) if variants.can_delete(model.blocks[i])]
+        vs = [variants.intact(n)] + [variants.deletion_variant(n, [i]) for i in blocks]
         errors = variant_errors(ctx, self.cfg, model, device, vs, "deleting each block")
         stages = stage_of_blocks(model)
         rows = [
-            {"block": i, "stage": stages[i], "downsampling": bool(model.blocks[i].downsampling), "error": errors[i + 1]}
-            for i in range(n)
+            {"block": i, "stage": stages[i], "downsampling": bool(model.blocks[i].downsampling), "error": e}
+            for i, e in zip(blocks, errors[1:])
         ]
         return errors[0], rows
 

@@ -19,7 +19,7 @@ from resens.checkpoint import check_compatible, load_checkpoint
 from resens.data import build_datamodule
 from resens.errors import ConfigError, ResensError
 from resens.module import ResNetClassifier
-from resens.train import build_trainer
+from resens.train import build_trainer, finish_logging
 
 
 def analyze(checkpoint: str | Path, config: str | None = None, out: str | None = None, overrides=()) -> Path:
@@ -52,6 +52,7 @@ def analyze(checkpoint: str | Path, config: str | None = None, out: str | None =
         )
     trainer = build_trainer(cfg, out_dir, run_id, [], job_type="analysis")
     trainer.test(module, datamodule=datamodule, verbose=False)
+    finish_logging(trainer)
     if trainer.is_global_zero:
         print(f"analysis written to {out_dir}/analysis.json")
     return out_dir

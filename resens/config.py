@@ -35,6 +35,8 @@ class ModelConfig:
     stochastic_depth: float | None = None  # p_L of the linear decay; None turns it off
     layers: list[int] | None = None  # imagenet_resnet: blocks per stage, overrides depth
     width: int | None = None  # channels of the first stage (16 CIFAR, 64 ImageNet)
+    channels_last: bool = False  # NHWC memory format (faster convolutions on GPUs with bf16)
+    compile: str | None = None  # torch.compile mode: default | reduce-overhead (CUDA graphs) | max-autotune
 
 
 @dataclass
@@ -187,6 +189,16 @@ def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] 
     _check(cfg)
     OmegaConf.set_readonly(cfg, True)
     return cfg
+
+
+def per_device_batch(global_batch: int, world_size: int) -> int:
+    """``data.batch_size`` is global: each of ``world_size`` processes gets an equal share."""
+    if global_batch % world_size:
+        raise ConfigError(
+            f"data.batch_size={global_batch} (global) does not divide evenly over "
+            f"{world_size} processes (devices × nodes)"
+        )
+    return global_batch // world_size
 
 
 def to_dict(cfg: DictConfig) -> dict:

@@ -71,8 +71,15 @@ class ResNetClassifier(L.LightningModule):
         self._raise_if_nonfinite()
         self.train_acc.reset()
 
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # On a GPU the loss is checked only every 50 steps: never let the weights a non-finite
+        # loss produced replace the last good checkpoint.
+        self._raise_if_nonfinite()
+
     def _raise_if_nonfinite(self) -> None:
-        if self._nonfinite.item():
+        # Every rank stops at the same step: one stopping alone would leave the others waiting in
+        # the next all-reduce. (Called at the same points on every rank.)
+        if self.trainer.strategy.reduce_boolean_decision(bool(self._nonfinite), all=False):
             raise NonFiniteLossError(
                 f"training loss became NaN or infinite (epoch {self.current_epoch}, step {self.global_step}); "
                 "stopped, the last good checkpoint is kept (try a lower optim.lr)"

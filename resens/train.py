@@ -6,10 +6,14 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
 import lightning as L
+from lightning.fabric.plugins.environments import SLURMEnvironment
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.accelerators import CPUAccelerator, CUDAAccelerator, MPSAccelerator
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar
 from lightning.pytorch.strategies import DDPStrategy
 from omegaconf import DictConfig
@@ -19,7 +23,7 @@ from resens.checkpoint import check_compatible, load_checkpoint
 from resens.data import build_datamodule
 from resens.errors import ConfigError, ResensError
 from resens.module import ResNetClassifier
-from resens.run import RNGState, RunFolder, make_logger, resolve_run
+from resens.run import Requeued, RNGState, RunFolder, SlurmRequeue, make_logger, resolve_run
 
 
 def trainer_kwargs(cfg: DictConfig) -> dict:
@@ -27,13 +31,30 @@ def trainer_kwargs(cfg: DictConfig) -> dict:
     return kwargs
 
 
-def per_device_batch(global_batch: int, world_size: int) -> int:
-    if global_batch % world_size:
+def check_devices(cfg: DictConfig) -> int:
+    """The number of processes (devices × nodes) as the Trainer will count them; worked out before
+    it exists, so that a bad device setting or batch split fails before anything is created."""
+    t = cfg.trainer
+    name = t.accelerator
+    if name in ("auto", "gpu"):
+        gpu = "mps" if MPSAccelerator.is_available() else "cuda"
+        name = gpu if name == "gpu" or CUDAAccelerator.is_available() or gpu == "mps" else "cpu"
+    accelerator = {"cpu": CPUAccelerator, "cuda": CUDAAccelerator, "mps": MPSAccelerator}.get(name)
+    if accelerator is None:
+        raise ConfigError(f"trainer.accelerator: '{t.accelerator}' is not one of auto, cpu, gpu, cuda, mps")
+    devices = accelerator.auto_device_count() if t.devices == "auto" else t.devices
+    try:
+        world = len(accelerator.get_parallel_devices(accelerator.parse_devices(devices))) * t.num_nodes
+    except (MisconfigurationException, TypeError, ValueError) as err:
+        raise ConfigError(f"trainer.devices={t.devices}: {' '.join(str(err).split())}") from None
+    if SLURMEnvironment.detect() and world != int(os.environ["SLURM_NTASKS"]):
         raise ConfigError(
-            f"data.batch_size={global_batch} (global) does not divide evenly over "
-            f"{world_size} processes (devices × nodes)"
+            f"trainer.num_nodes × trainer.devices = {world} processes, but SLURM started "
+            f"{os.environ['SLURM_NTASKS']} tasks (match --nodes and --ntasks-per-node)"
         )
-    return global_batch // world_size
+    if t.sync_batchnorm and name == "cpu" and world > 1:
+        raise ConfigError("trainer.sync_batchnorm: torch's SyncBatchNorm runs on GPUs only, not on the CPU")
+    return world
 
 
 def build_trainer(cfg: DictConfig, run_dir: Path, run_id: str, callbacks: list[L.Callback], job_type=None) -> L.Trainer:
@@ -44,42 +65,73 @@ def build_trainer(cfg: DictConfig, run_dir: Path, run_id: str, callbacks: list[L
     all_callbacks = [RunFolder(cfg, run_dir), RNGState(), *callbacks, *build_analysis_callbacks(cfg)]
     if show_bar and sys.stdout.isatty():
         all_callbacks.append(RichProgressBar())
+    plugins = []
+    if SLURMEnvironment.detect():
+        # SlurmRequeue checkpoints and requeues; Lightning's own requeue handler stays off
+        plugins.append(SLURMEnvironment(auto_requeue=False))
+        all_callbacks.append(SlurmRequeue())
     trainer = L.Trainer(
         default_root_dir=str(run_dir),
         logger=make_logger(cfg, run_dir, run_id, job_type),
         callbacks=all_callbacks,
+        plugins=plugins,
         **kwargs,
     )
     return trainer
 
 
+def check_resume(path: Path, module: ResNetClassifier, cfg: DictConfig) -> None:
+    """Raise unless the checkpoint at ``path`` loads safely and fits ``module`` and ``cfg``."""
+    ckpt = load_checkpoint(path)
+    check_compatible(ckpt, module, path)
+    if ckpt.get("epoch", 0) > cfg.trainer.max_epochs:
+        raise ConfigError(
+            f"trainer.max_epochs={cfg.trainer.max_epochs} is below epoch {ckpt['epoch']} of the "
+            f"checkpoint {path}"
+        )
+
+
 def train(cfg: DictConfig) -> Path:
-    """Fit the configured model and run its analyses; returns the run folder."""
+    """Fit the configured model and run its analyses; returns the run folder.
+
+    The checkpoint to resume from, the device settings, the batch split and the data folder are
+    all checked before the run folder, the W&B run or the Trainer exist.
+    """
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     run_dir, run_id, ckpt_path = resolve_run(cfg)
+    batch = config_lib.per_device_batch(cfg.data.batch_size, check_devices(cfg))
+    datamodule = build_datamodule(cfg.data, batch)
+    if not cfg.data.download:  # else the files appear only in fit (prepare_data on local rank 0)
+        datamodule.setup("fit")
+    module = ResNetClassifier(config_lib.to_dict(cfg), datamodule.num_classes, datamodule.in_channels, batch)
     if ckpt_path is not None:
-        ckpt = load_checkpoint(ckpt_path)
-    checkpointing = ModelCheckpoint(
+        check_resume(ckpt_path, module, cfg)
+    best = ModelCheckpoint(
         dirpath=run_dir / "checkpoints",
         filename="best-epoch{epoch:03d}",
         monitor="val/error",
         mode="min",
-        save_last=True,
         auto_insert_metric_name=False,
     )
-    trainer = build_trainer(cfg, run_dir, run_id, [checkpointing, LearningRateMonitor("step")])
-    batch = per_device_batch(cfg.data.batch_size, trainer.world_size)
-    datamodule = build_datamodule(cfg.data, batch)
-    module = ResNetClassifier(config_lib.to_dict(cfg), datamodule.num_classes, datamodule.in_channels, batch)
-    if ckpt_path is not None:
-        check_compatible(ckpt, module, ckpt_path)
+    # Not ModelCheckpoint(save_last=True): since Lightning 2.6 that writes last.ckpt only in an
+    # epoch whose val/error improved, and resuming from it would silently repeat epochs.
+    last = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="last", enable_version_counter=False)
+    trainer = build_trainer(cfg, run_dir, run_id, [best, last, LearningRateMonitor("step")])
     if module.model.stochastic_depth and isinstance(trainer.strategy, DDPStrategy):
         # A closed gate leaves its branch without gradient: DDP must look for unused parameters.
         trainer.strategy._ddp_kwargs["find_unused_parameters"] = True
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    finish_logging(trainer)
     if trainer.is_global_zero:
         print(f"run folder: {run_dir}")
     return run_dir
+
+
+def finish_logging(trainer: L.Trainer) -> None:
+    """Close the W&B run so its files are complete on disk (offline runs are then syncable)."""
+    for logger in trainer.loggers:
+        if trainer.is_global_zero and getattr(logger, "_experiment", None) is not None:
+            logger.experiment.finish()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -89,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         train(config_lib.load(args.config, args.overrides))
+    except Requeued as note:
+        print(note, file=sys.stderr)
     except ResensError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -133,7 +133,7 @@ class _Tape:
             # Taken now: a later in-place op may overwrite the output. relu'(0) = 0, as in autograd.
             call.relu_mask = out > 0
             if self.channels_last and out.dim() == 4:
-                # The cotangents it multiplies are channels-last.
+                # The cotangents it multiplies are channels-last (see _Workspace).
                 call.relu_mask = call.relu_mask.contiguous(memory_format=torch.channels_last)
 
 
@@ -381,34 +381,43 @@ def _suffix_order(paths: Tensor) -> list[int]:
     return sorted(range(len(rows)), key=rows.__getitem__)
 
 
-def _runs(rows: list[int]) -> list[tuple[int, int]]:
-    """Sorted row indices as maximal ranges [start, stop)."""
-    runs: list[tuple[int, int]] = []
-    for r in rows:
-        if runs and runs[-1][1] == r:
-            runs[-1] = (runs[-1][0], r + 1)
+def _runs(src: list[int], dst: list[int]) -> list[tuple[int, int, int]]:
+    """Row pairs src[j] -> dst[j] as maximal runs ``(src start, dst start, length)`` in which both
+    sides advance together."""
+    runs: list[tuple[int, int, int]] = []
+    for s, d in zip(src, dst, strict=True):
+        if runs and runs[-1][0] + runs[-1][2] == s and runs[-1][1] + runs[-1][2] == d:
+            runs[-1] = (runs[-1][0], runs[-1][1], runs[-1][2] + 1)
         else:
-            runs.append((r, r + 1))
+            runs.append((s, d, 1))
     return runs
 
 
+def _batched_rows(device: torch.device) -> bool:
+    """Gather scattered rows into one large VJP call (GPUs), rather than run the VJP on views of
+    the rows a slab at a time (CPUs)."""
+    return device.type != "cpu"
+
+
 class _Workspace:
-    """Three flat buffers of ``rows`` cotangents each, reused by every block and chunk: the
-    current groups, the next ones, and scratch for gathering rows.
+    """Two flat buffers of ``rows`` cotangents each, reused by every block and chunk: the groups
+    at the current block, and their children after a block that changes the shape.
 
     On the CPU two things decide the speed: oneDNN's transposed convolutions run several times
     faster on channels-last tensors, and every fresh tensor over glibc's mmap threshold (32 MiB)
-    is page-faulted in anew. So cotangents live channels-last in these reused buffers and VJPs run
-    ``slab`` rows at a time, keeping their intermediates small. On a GPU neither applies: one slab,
-    default layout.
+    is page-faulted in anew. So there cotangents live channels-last in these reused buffers and
+    VJPs run on views of them, a slab of a few rows at a time, which keeps their intermediates
+    small and never copies rows. On a GPU, scattered rows are gathered so that each VJP is one
+    large batched call.
     """
 
     CPU_SLAB = 1 << 22  # elements (16 MiB of float32), under the mmap threshold
 
-    def __init__(self, rows: int, numel: int, like: Tensor, channels_last: bool) -> None:
-        self.channels_last = channels_last
-        self.slab = max(1, self.CPU_SLAB // numel) if like.device.type == "cpu" else rows
-        self.cur, self.nxt, self.scratch = (like.new_empty(rows * numel) for _ in range(3))
+    def __init__(self, rows: int, numel: int, like: Tensor) -> None:
+        self.channels_last = like.device.type == "cpu"
+        self.batched = _batched_rows(like.device)
+        self.slab = max(rows, 1) if self.batched else max(1, self.CPU_SLAB // numel)
+        self.cur, self.nxt = like.new_empty(rows * numel), like.new_empty(rows * numel)
 
     def view(self, buf: Tensor, m: int, shape: torch.Size) -> Tensor:
         """The first m cotangents of ``buf`` as ``[m, *shape]``."""
@@ -418,82 +427,107 @@ class _Workspace:
             return buf.as_strided(size, (b * c * h * w, c * h * w, 1, w * c, c))
         return buf[: m * math.prod(shape)].view(size)
 
-    def rows(self, u: Tensor, rows: list[int]) -> Tensor:
-        """``u[rows]``: a view when the rows are one range, else gathered into scratch."""
-        runs = _runs(rows)
-        if len(runs) == 1:
-            return u[runs[0][0] : runs[0][1]]
-        out = self.view(self.scratch, len(rows), u.shape[1:])
-        j = 0
-        for start, stop in runs:
-            out[j : j + stop - start].copy_(u[start:stop])
-            j += stop - start
-        return out
+    def map(self, vjp: _Vjp | None, u: Tensor, src: list[int], out: Tensor, dst: list[int]) -> None:
+        """``out[dst[j]] = vjp(u[src[j]])`` for all j (None: the identity). A destination row may
+        be its own source, never another pair's source."""
+        runs = _runs(src, dst)
+        if self.batched and len(runs) > 1:
+            rows = _apply(vjp, u.index_select(0, torch.tensor(src, device=u.device)))
+            out.index_copy_(0, torch.tensor(dst, device=u.device), rows)
+            return
+        for s, d, length in runs:
+            for k in range(0, length, self.slab):
+                rows = min(self.slab, length - k)
+                part, into = u[s + k : s + k + rows], out[d + k : d + k + rows]
+                if vjp is not None:
+                    vjp.into(part, into)
+                elif part.data_ptr() != into.data_ptr():
+                    into.copy_(part)
 
-    def into(self, vjp: _Vjp | None, u: Tensor, out: Tensor) -> None:
-        """``out = vjp(u)``, slab by slab (``out`` may be ``u``)."""
-        for start in range(0, len(u), self.slab):
-            part, dst = u[start : start + self.slab], out[start : start + self.slab]
-            if vjp is None:
-                dst.copy_(part)
-            else:
-                vjp.into(part, dst)
+
+def _apply(vjp: _Vjp | None, u: Tensor) -> Tensor:
+    return u if vjp is None else vjp(u)
 
 
 def _chunk_gradients(lin: _Linearized, chunk: Tensor, ws: _Workspace) -> tuple[Tensor, Tensor]:
     """Input gradients of the paths ``chunk`` [p, n], deduplicated: ``(grads [m, *x.shape],
-    owner [p])``, path j's gradient being ``grads[owner[j]]``.
+    owner [p])``, path j's gradient being ``grads[owner[j]]``. ``grads`` lives in the workspace.
 
     Backward from the output, a group is the set of paths that agree on every block seen so far;
-    it carries one cotangent. At block i each group splits into the paths taking the branch and
-    those taking the shortcut, and each VJP runs once for all groups on its side, folded into the
-    batch dimension. The bookkeeping stays on the CPU so that the device never waits for it.
+    it carries one cotangent, a row of the workspace. At block i each group splits into the paths
+    taking the branch and those taking the shortcut, and each VJP runs once for all rows on its
+    side, folded into the batch dimension. Across an identity shortcut a group keeps its row; so
+    does a group all of whose paths take the branch (its VJP overwrites the row), and only a group
+    that splits both ways claims a new row. The bookkeeping stays on the CPU.
     """
     g = ws.view(ws.cur, 1, lin.output_cotangent.shape)
     g[0].copy_(lin.output_cotangent)
-    owner = torch.zeros(len(chunk), dtype=torch.long)
+    owner = torch.zeros(len(chunk), dtype=torch.long)  # path -> row
     for i in reversed(range(chunk.shape[1])):
+        top = len(g)
         if lin.post[i] is not None:
-            ws.into(lin.post[i], g, g)
-        keys, owner = torch.unique(owner * 2 + chunk[:, i].long(), return_inverse=True)
-        takes_branch = keys % 2 == 1
-        # New groups: the shortcut children first, then the branch children; keys are sorted by
-        # parent, so each side keeps its parents' order.
-        shortcut_children = int((~takes_branch).sum())
-        rank = torch.empty_like(keys)
-        rank[~takes_branch] = torch.arange(shortcut_children)
-        rank[takes_branch] = torch.arange(shortcut_children, len(keys))
-        owner = rank[owner]
-        on_shortcut = (keys[~takes_branch] // 2).tolist()
-        on_branch = (keys[takes_branch] // 2).tolist()
-        nxt = ws.view(ws.nxt, len(keys), lin.input_shapes[i])
-        if on_shortcut:
-            ws.into(lin.shortcut[i], ws.rows(g, on_shortcut), nxt[:shortcut_children])
-        if on_branch:
-            ws.into(lin.branch[i], ws.rows(g, on_branch), nxt[shortcut_children:])
-        ws.cur, ws.nxt, g = ws.nxt, ws.cur, nxt
+            ws.map(lin.post[i], g, list(range(top)), g, list(range(top)))
+        keys, inverse = torch.unique(owner * 2 + chunk[:, i].long(), return_inverse=True)
+        # keys = 2 row + choice, sorted: a row that splits both ways gives 2r, 2r+1 in a row.
+        new_row: list[int] = []
+        branch_src: list[int] = []
+        branch_dst: list[int] = []
+        if lin.shortcut[i] is None:  # identity (plain blocks never reach here: paths checked)
+            prev = -1
+            for key in keys.tolist():
+                row, takes_branch = divmod(key, 2)
+                if takes_branch and prev == key - 1:
+                    new_row.append(top)
+                    top += 1
+                else:
+                    new_row.append(row)
+                if takes_branch:
+                    branch_src.append(row)
+                    branch_dst.append(new_row[-1])
+                prev = key
+            nxt = ws.view(ws.cur, top, lin.input_shapes[i])
+        else:
+            shortcut_src: list[int] = []
+            shortcut_dst: list[int] = []
+            for j, key in enumerate(keys.tolist()):
+                row, takes_branch = divmod(key, 2)
+                new_row.append(j)
+                (branch_src if takes_branch else shortcut_src).append(row)
+                (branch_dst if takes_branch else shortcut_dst).append(j)
+            nxt = ws.view(ws.nxt, len(keys), lin.input_shapes[i])
+            ws.map(lin.shortcut[i], g, shortcut_src, nxt, shortcut_dst)
+            ws.cur, ws.nxt = ws.nxt, ws.cur
+        if branch_src:
+            ws.map(lin.branch[i], g, branch_src, nxt, branch_dst)
+        g = nxt
+        owner = torch.tensor(new_row)[inverse]
     if lin.stem is None:
         return g, owner
     grads = ws.view(ws.nxt, len(g), lin.input_shape)
-    ws.into(lin.stem, g, grads)
+    rows = list(range(len(g)))
+    ws.map(lin.stem, g, rows, grads, rows)
     return grads, owner
 
 
 def _path_gradient_chunks(
     model: nn.Module, x: Tensor, y: Tensor, paths: Tensor, chunk_size: int | None, budget: int
 ) -> Iterator[tuple[list[int], Tensor, Tensor]]:
-    """Yields ``(path indices, grads [m, B, *x.shape[1:]], owner [p])`` chunk by chunk."""
+    """Yields ``(path indices, grads [m, *x.shape], owner [p])`` chunk by chunk, path
+    ``indices[j]`` having gradient ``grads[owner[j]]``; ``grads`` is overwritten by the next chunk."""
     paths = _check_inputs(model, paths)
     device = next(model.parameters()).device
     x, y = x.to(device), y.to(device)
     channels_last = device.type == "cpu"
+    if channels_last and x.dim() == 4:
+        # oneDNN's fast layout for the one forward pass too (see _Workspace).
+        x = x.contiguous(memory_format=torch.channels_last)
     with _eval_mode(model):
         lin = _linearize_model(model, x, y, channels_last)
         if chunk_size is None:
-            # Three workspace buffers and about two intermediates of the branch VJPs per path.
+            # Two workspace buffers, plus (GPU) gathered rows, the VJP's result and intermediates.
             chunk_size = max(1, budget // (5 * lin.largest))
         order = _suffix_order(paths)
-        ws = _Workspace(min(chunk_size, len(order)), lin.largest, lin.output_cotangent, channels_last)
+        ws = _Workspace(min(chunk_size, len(order)), lin.largest, lin.output_cotangent)
         for start in range(0, len(order), chunk_size):
             ids = order[start : start + chunk_size]
             grads, owner = _chunk_gradients(lin, paths[ids], ws)

@@ -33,6 +33,11 @@ def deletion_variant(n: int, deleted: Iterable[int]) -> list[int | None]:
     return [None if i in gone else i for i in range(n)]
 
 
+def can_delete(block: nn.Module) -> bool:
+    """A residual block always can (its shortcut stays); a plain block only where it keeps the shape."""
+    return block.shortcut is not None or not block.downsampling
+
+
 def apply_position(model: nn.Module, position: int, op: int | None, x: Tensor) -> Tensor:
     """Run block ``op`` at ``position``, or, for ``None``, position's own shortcut (then ``post``)."""
     if op is not None:
@@ -164,11 +169,12 @@ def evaluate_variants_naive(model: nn.Module, batches: Batches, variants: Sequen
 
 
 def deletable_blocks(model: nn.Module, exclude_downsampling: bool = True, exclude: Iterable[int] = ()) -> list[int]:
-    """Blocks a random deletion may pick: optionally never one whose shortcut changes the shape."""
+    """Blocks a random deletion may pick: optionally never one whose shortcut changes the shape,
+    and never a plain block that changes it (nothing would be left to run in its place)."""
     skip = set(exclude)
     return [
         i for i, b in enumerate(model.blocks)
-        if i not in skip and not (exclude_downsampling and b.downsampling)
+        if i not in skip and can_delete(b) and not (exclude_downsampling and b.downsampling)
     ]
 
 

@@ -24,7 +24,7 @@ def survival_probs(num_blocks: int, p_last: float | None) -> list[float]:
         return [1.0] * num_blocks
     if not 0.0 < p_last <= 1.0:
         raise ValueError(f"stochastic_depth (p_L) must be in (0, 1], got {p_last}")
-    return [1.0 - (l / num_blocks) * (1.0 - p_last) for l in range(1, num_blocks + 1)]
+    return [1.0 - (i / num_blocks) * (1.0 - p_last) for i in range(1, num_blocks + 1)]
 
 
 class ResidualNet(nn.Module):
