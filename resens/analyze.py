@@ -42,6 +42,7 @@ def analyze(checkpoint: str | Path, config: str | None = None, out: str | None =
     run_id = f"{run_dir.name}-lesion-{time.strftime('%Y%m%d-%H%M%S')}"
     hp = ckpt["hyper_parameters"]
     datamodule = build_datamodule(cfg.data, hp["per_device_batch"])
+    datamodule.setup("test")  # a bad data folder fails here, before any output exists
     module = ResNetClassifier(config_lib.to_dict(cfg), hp["num_classes"], hp["in_channels"], hp["per_device_batch"])
     check_compatible(ckpt, module, checkpoint)
     module.load_state_dict(ckpt["state_dict"])

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -17,7 +16,6 @@ from pathlib import Path
 from resens import config as config_lib
 from resens.analysis import plots
 from resens.errors import ResensError
-from resens.run import RUN_ID_ENV
 from resens.train import train
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -79,7 +77,6 @@ def summarize(results: dict[str, dict]) -> str:
 def run_demo(out: Path, overrides: list[str] = ()) -> dict[str, dict]:
     results: dict[str, dict] = {}
     for label, name in (("ResNet", "digits_resnet.yaml"), ("plain", "digits_plain.yaml")):
-        os.environ.pop(RUN_ID_ENV, None)  # a new run id for each run of this process
         cfg = config_lib.load(CONFIGS / name, [f"out_dir={out}", *overrides])
         print(f"== training the digits {label} ({cfg.model.depth} layers) ==", flush=True)
         run_dir = train(cfg)

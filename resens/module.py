@@ -51,24 +51,33 @@ class ResNetClassifier(L.LightningModule):
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.register_buffer("_nonfinite", torch.tensor(False), persistent=False)
+        m = self.cfg.model
+        if m.compile is not None and self.model.stochastic_depth:
+            raise config_lib.ConfigError(
+                "model.compile: stochastic depth changes the graph at every step; train it eagerly"
+            )
+        self._memory_format = torch.channels_last if m.channels_last else torch.contiguous_format
+        self.model.to(memory_format=self._memory_format)
+        # The compiled function is kept off the module tree, so checkpoints keep their keys.
+        object.__setattr__(self, "_run", torch.compile(self.model, mode=m.compile) if m.compile else self.model)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.model(x)
+        return self._run(x.contiguous(memory_format=self._memory_format))
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, y = batch
-        logits = self.model(x)
+        logits = self(x)
         loss = F.cross_entropy(logits, y)
         self._nonfinite |= ~torch.isfinite(loss.detach())
         if x.device.type == "cpu" or batch_idx % 50 == 0:  # on a GPU, don't sync every step
             self._raise_if_nonfinite()
-        self.train_acc(logits, y)
+        self.train_acc.update(logits, y)
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True)
-        self.log("train/error", 1 - self.train_acc.compute(), on_step=False, on_epoch=True)
         return loss
 
     def on_train_epoch_end(self) -> None:
         self._raise_if_nonfinite()
+        self.log("train/error", 1 - self.train_acc.compute())
         self.train_acc.reset()
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -87,7 +96,7 @@ class ResNetClassifier(L.LightningModule):
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         x, y = batch
-        logits = self.model(x)
+        logits = self(x)
         self.val_acc.update(logits, y)
         self.log("val/loss", F.cross_entropy(logits, y), on_epoch=True, sync_dist=True)
 
@@ -97,7 +106,7 @@ class ResNetClassifier(L.LightningModule):
 
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         x, y = batch
-        logits = self.model(x)
+        logits = self(x)
         self.val_acc.update(logits, y)
         self.log("test/loss", F.cross_entropy(logits, y), on_epoch=True, sync_dist=True)
 

@@ -43,7 +43,8 @@ def slurm_requeued() -> bool:
 
 
 def newest_checkpoint(run_dir: Path) -> Path | None:
-    """The newer of the run's requeue checkpoint (``hpc_ckpt_<n>.ckpt``) and ``checkpoints/last.ckpt``."""
+    """The newest of the run's requeue checkpoints (``hpc_ckpt_<n>.ckpt``) and
+    ``checkpoints/last.ckpt``; None if it has none."""
     found = [p for p in run_dir.glob("hpc_ckpt_*.ckpt") if p.is_file()]
     if (run_dir / "checkpoints" / "last.ckpt").is_file():
         found.append(run_dir / "checkpoints" / "last.ckpt")
@@ -182,7 +183,7 @@ class RNGState(L.Callback):
 
 
 class Requeued(Exception):
-    """Training stopped after checkpointing because SLURM is about to end the job; it was requeued."""
+    """Training stopped after a checkpoint because SLURM is about to end the job; it is requeued."""
 
 
 class SlurmRequeue(L.Callback):
@@ -201,11 +202,19 @@ class SlurmRequeue(L.Callback):
         self.requested = False
         self._previous: Any = None
 
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if stage == "fit" and threading.current_thread() is threading.main_thread():
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Not in setup: Lightning snapshots the signal handlers after setup and restores that
+        # snapshot at its teardown, which would leave this handler installed.
+        if threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(self.signum, self._on_signal)
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._restore_handler()
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, _: BaseException) -> None:
+        self._restore_handler()  # when fit raises (Requeued does), Lightning skips teardown
+
+    def _restore_handler(self) -> None:
         if self._previous is not None:
             signal.signal(self.signum, self._previous)
             self._previous = None
@@ -233,7 +242,9 @@ class SlurmRequeue(L.Callback):
                 done = subprocess.run(
                     ["scontrol", "requeue", job], capture_output=True, text=True, timeout=60
                 )
-                failure = (done.stderr.strip() or f"exit code {done.returncode}") if done.returncode else ""
+                failure = done.stderr.strip() or f"exit code {done.returncode}"
+                if not done.returncode:
+                    failure = ""
             except (OSError, subprocess.TimeoutExpired) as err:
                 failure = str(err)
             if failure:

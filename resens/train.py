@@ -23,7 +23,15 @@ from resens.checkpoint import check_compatible, load_checkpoint
 from resens.data import build_datamodule
 from resens.errors import ConfigError, ResensError
 from resens.module import ResNetClassifier
-from resens.run import Requeued, RNGState, RunFolder, SlurmRequeue, make_logger, resolve_run
+from resens.run import (
+    RUN_ID_ENV,
+    Requeued,
+    RNGState,
+    RunFolder,
+    SlurmRequeue,
+    make_logger,
+    resolve_run,
+)
 
 
 def trainer_kwargs(cfg: DictConfig) -> dict:
@@ -41,19 +49,24 @@ def check_devices(cfg: DictConfig) -> int:
         name = gpu if name == "gpu" or CUDAAccelerator.is_available() or gpu == "mps" else "cpu"
     accelerator = {"cpu": CPUAccelerator, "cuda": CUDAAccelerator, "mps": MPSAccelerator}.get(name)
     if accelerator is None:
-        raise ConfigError(f"trainer.accelerator: '{t.accelerator}' is not one of auto, cpu, gpu, cuda, mps")
+        raise ConfigError(
+            f"trainer.accelerator: '{t.accelerator}' is not one of auto, cpu, gpu, cuda, mps"
+        )
     devices = accelerator.auto_device_count() if t.devices == "auto" else t.devices
     try:
-        world = len(accelerator.get_parallel_devices(accelerator.parse_devices(devices))) * t.num_nodes
+        per_node = len(accelerator.get_parallel_devices(accelerator.parse_devices(devices)))
     except (MisconfigurationException, TypeError, ValueError) as err:
         raise ConfigError(f"trainer.devices={t.devices}: {' '.join(str(err).split())}") from None
+    world = per_node * t.num_nodes
     if SLURMEnvironment.detect() and world != int(os.environ["SLURM_NTASKS"]):
         raise ConfigError(
             f"trainer.num_nodes × trainer.devices = {world} processes, but SLURM started "
             f"{os.environ['SLURM_NTASKS']} tasks (match --nodes and --ntasks-per-node)"
         )
     if t.sync_batchnorm and name == "cpu" and world > 1:
-        raise ConfigError("trainer.sync_batchnorm: torch's SyncBatchNorm runs on GPUs only, not on the CPU")
+        raise ConfigError(
+            "trainer.sync_batchnorm: torch's SyncBatchNorm runs on GPUs only, not on the CPU"
+        )
     return world
 
 
@@ -97,34 +110,44 @@ def train(cfg: DictConfig) -> Path:
     The checkpoint to resume from, the device settings, the batch split and the data folder are
     all checked before the run folder, the W&B run or the Trainer exist.
     """
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
-    run_dir, run_id, ckpt_path = resolve_run(cfg)
-    batch = config_lib.per_device_batch(cfg.data.batch_size, check_devices(cfg))
-    datamodule = build_datamodule(cfg.data, batch)
-    if not cfg.data.download:  # else the files appear only in fit (prepare_data on local rank 0)
-        datamodule.setup("fit")
-    module = ResNetClassifier(config_lib.to_dict(cfg), datamodule.num_classes, datamodule.in_channels, batch)
-    if ckpt_path is not None:
-        check_resume(ckpt_path, module, cfg)
-    best = ModelCheckpoint(
-        dirpath=run_dir / "checkpoints",
-        filename="best-epoch{epoch:03d}",
-        monitor="val/error",
-        mode="min",
-        auto_insert_metric_name=False,
-    )
-    # Not ModelCheckpoint(save_last=True): since Lightning 2.6 that writes last.ckpt only in an
-    # epoch whose val/error improved, and resuming from it would silently repeat epochs.
-    last = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="last", enable_version_counter=False)
-    trainer = build_trainer(cfg, run_dir, run_id, [best, last, LearningRateMonitor("step")])
-    if module.model.stochastic_depth and isinstance(trainer.strategy, DDPStrategy):
-        # A closed gate leaves its branch without gradient: DDP must look for unused parameters.
-        trainer.strategy._ddp_kwargs["find_unused_parameters"] = True
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
-    finish_logging(trainer)
-    if trainer.is_global_zero:
-        print(f"run folder: {run_dir}")
-    return run_dir
+    # The launching process names the run; the DDP workers it starts inherit the name.
+    owns_run_id = RUN_ID_ENV not in os.environ
+    try:
+        L.seed_everything(cfg.seed, workers=True, verbose=False)
+        run_dir, run_id, ckpt_path = resolve_run(cfg)
+        batch = config_lib.per_device_batch(cfg.data.batch_size, check_devices(cfg))
+        datamodule = build_datamodule(cfg.data, batch)
+        if not cfg.data.download:  # else the files appear only in fit (prepare_data on local rank 0)
+            datamodule.setup("fit")
+        module = ResNetClassifier(
+            config_lib.to_dict(cfg), datamodule.num_classes, datamodule.in_channels, batch
+        )
+        if ckpt_path is not None:
+            check_resume(ckpt_path, module, cfg)
+        best = ModelCheckpoint(
+            dirpath=run_dir / "checkpoints",
+            filename="best-epoch{epoch:03d}",
+            monitor="val/error",
+            mode="min",
+            auto_insert_metric_name=False,
+        )
+        # Not ModelCheckpoint(save_last=True): since Lightning 2.6 that writes last.ckpt only in an
+        # epoch whose val/error improved, and resuming from it would silently repeat epochs.
+        last = ModelCheckpoint(
+            dirpath=run_dir / "checkpoints", filename="last", enable_version_counter=False
+        )
+        trainer = build_trainer(cfg, run_dir, run_id, [best, last, LearningRateMonitor("step")])
+        if module.model.stochastic_depth and isinstance(trainer.strategy, DDPStrategy):
+            # A closed gate leaves its branch without gradient: DDP must look for unused parameters.
+            trainer.strategy._ddp_kwargs["find_unused_parameters"] = True
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+        finish_logging(trainer)
+        if trainer.is_global_zero:
+            print(f"run folder: {run_dir}")
+        return run_dir
+    finally:
+        if owns_run_id:
+            os.environ.pop(RUN_ID_ENV, None)
 
 
 def finish_logging(trainer: L.Trainer) -> None:
@@ -142,9 +165,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         train(config_lib.load(args.config, args.overrides))
     except Requeued as note:
-        print(note, file=sys.stderr)
+        sys.stderr.write(f"{note}\n")
     except ResensError as err:
-        print(f"error: {err}", file=sys.stderr)
+        # one write, so that the lines of several DDP processes do not interleave
+        sys.stderr.write(f"error: {err}\n")
         return 2
     return 0
 

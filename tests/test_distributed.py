@@ -10,12 +10,16 @@ import signal
 from pathlib import Path
 from types import SimpleNamespace
 
+import lightning as L
 import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
 
 from resens import config, slurm
 from resens.checkpoint import load_checkpoint
 from resens.errors import ResensError
 from resens.module import lr_at
+from resens.run import SlurmRequeue
 from tests.helpers import (
     DIGITS,
     ROOT,
@@ -300,3 +304,49 @@ def test_template_placeholders_must_be_known(tmp_path):
     bad.write_text(Path(ROOT / TEMPLATE).read_text().replace("{{nodes}}", "{{node}}", 1))
     with pytest.raises(ResensError, match=r"placeholder \{\{node\}\} is unknown"):
         slurm.build_script(bad, 1, 1, str(ROOT / DIGITS))
+
+
+class _Tiny(L.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = torch.nn.Linear(2, 1)
+
+    def training_step(self, batch, batch_idx):
+        return self.layer(batch[0]).sum()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_failed_requeue_stops_with_the_checkpoint_to_resume_from(tmp_path, monkeypatch):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    scontrol = bin_dir / "scontrol"
+    scontrol.write_text('#!/bin/sh\necho "scontrol: error: Access/permission denied" >&2\nexit 1\n')
+    scontrol.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    monkeypatch.setenv("SLURM_JOB_ID", "55")
+    (tmp_path / "hpc_ckpt_3.ckpt").write_bytes(b"an older requeue checkpoint")
+    requeue = SlurmRequeue()
+    requeue.requested = True  # as if SIGUSR1 had come during the first step
+    trainer = L.Trainer(
+        default_root_dir=tmp_path,
+        max_steps=5,
+        callbacks=[requeue],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    data = DataLoader(TensorDataset(torch.randn(8, 2)), batch_size=2)
+    expected = (
+        r"SLURM job 55: scontrol requeue failed \(scontrol: error: Access/permission denied\); "
+        rf"resume by hand with resume={tmp_path}/hpc_ckpt_4.ckpt"
+    )
+    handler = signal.getsignal(signal.SIGUSR1)
+    with pytest.raises(ResensError, match=expected):
+        trainer.fit(_Tiny(), data)
+    assert signal.getsignal(signal.SIGUSR1) == handler
+    assert trainer.global_step == 1
+    assert sorted(p.name for p in tmp_path.glob("hpc_ckpt_*")) == ["hpc_ckpt_4.ckpt"]
+    assert torch.load(tmp_path / "hpc_ckpt_4.ckpt", weights_only=True)["global_step"] == 1

@@ -323,3 +323,14 @@ def test_gradient_by_length_protocol():
         naive = P.path_gradient_norms_naive(model, xb, yb, paths).view(3, share)
         torch.testing.assert_close(out.norms[:, done : done + share], naive, rtol=1e-9, atol=0)
         done += share
+
+
+@pytest.mark.parametrize("slab", [1, 300, 5000])
+@pytest.mark.parametrize("name", ["postact", "bottleneck"])
+def test_cpu_slabs_equal_naive(monkeypatch, name, slab):
+    """VJPs run on part of a row's batch (down to one sample) or on several rows at once."""
+    monkeypatch.setattr(P._Workspace, "CPU_SLAB", slab)
+    model, x, y = make(name, seed=7)
+    paths = some_paths(len(model.blocks), 12, seed=7)
+    fast = P.path_gradient_norms(model, x, y, paths, chunk_size=5)
+    torch.testing.assert_close(fast, P.path_gradient_norms_naive(model, x, y, paths), rtol=1e-9, atol=0)

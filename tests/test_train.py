@@ -87,3 +87,20 @@ def test_training_learns_digits(run_dir):
     ckpt = load_checkpoint(run_dir / "checkpoints" / "last.ckpt")
     assert torch.isfinite(torch.stack([v.float().sum() for v in ckpt["state_dict"].values() if torch.is_tensor(v)])).all()
     assert json.loads((run_dir / "analysis.json").read_text())["baseline_error"] < 0.5
+
+
+def test_speed_options_keep_results_and_checkpoint_keys():
+    from resens.errors import ConfigError
+    from resens.module import ResNetClassifier
+
+    def module(*overrides):
+        cfg = config.load(CONFIGS / "digits_resnet.yaml", ["model.depth=8", "model.width=8", *overrides])
+        torch.manual_seed(0)
+        return ResNetClassifier(config.to_dict(cfg), 10, 1, 64).eval()
+
+    plain, fast = module(), module("model.channels_last=true")
+    x = torch.randn(4, 1, 8, 8)
+    torch.testing.assert_close(plain(x), fast(x))
+    assert plain.state_dict().keys() == fast.state_dict().keys()
+    with pytest.raises(ConfigError, match="model.compile"):
+        module("model.compile=reduce-overhead", "model.stochastic_depth=0.5")

@@ -18,6 +18,18 @@ with L the mean cross-entropy of the batch. Without a nonlinear ``post`` (pre-ac
 the 2^n path gradients add up to the network's input gradient.
 
 Everything runs in eval mode (BatchNorm running statistics) and leaves the model as it was.
+
+How :func:`path_gradient_norms` is fast (its reference, :func:`path_gradient_norms_naive`, runs a
+forward and a backward pass per path):
+
+- one forward pass per batch, during which hooks turn every branch, shortcut, post and the stem
+  into its VJP at the intact activations: transposed convolutions with the BatchNorm scales
+  folded into their weights, ReLU masks, option-A transposes (anything unknown falls back to
+  autograd on stacked copies of its input); no weight gradient is ever computed;
+- the backward starts at the output, where all paths share one cotangent, and splits a group of
+  paths only where its paths part ways, so paths with a common suffix share their work;
+- all the cotangents that cross a block's branch are one batched VJP (eval-mode BatchNorm keeps
+  samples independent), in reused buffers, a chunk of paths at a time within a memory budget.
 """
 
 from __future__ import annotations
@@ -30,6 +42,23 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
+
+from resens.models.blocks import OptionAShortcut
+
+__all__ = [
+    "PathGradientsByLength",
+    "effective_path_survival",
+    "effective_paths",
+    "path_gradient_by_length",
+    "path_gradient_norms",
+    "path_gradient_norms_naive",
+    "path_input_gradients",
+    "path_length_distribution",
+    "path_survival",
+    "path_survival_by_length",
+    "sample_paths",
+    "share_of_paths",
+]
 
 Batches = Iterable[tuple[Tensor, Tensor]]
 Progress = Callable[[int], None]
@@ -97,7 +126,7 @@ class _Call:
 class _Tape:
     """Forward hooks on the supported leaf modules of a model; records their calls while on."""
 
-    LEAVES = (nn.Conv2d, nn.BatchNorm2d, nn.ReLU, nn.Identity)
+    LEAVES = (nn.Conv2d, nn.BatchNorm2d, nn.ReLU, nn.Identity, OptionAShortcut)
 
     def __init__(self, model: nn.Module, channels_last: bool) -> None:
         self.channels_last = channels_last
@@ -131,21 +160,27 @@ class _Tape:
         call.output, call.output_version = out, out._version
         if isinstance(module, nn.ReLU):
             # Taken now: a later in-place op may overwrite the output. relu'(0) = 0, as in autograd.
-            call.relu_mask = out > 0
+            # In the cotangents' dtype and layout (see _Workspace): multiplying by a bool mask
+            # would convert it on every use, four times slower.
+            mask = out > 0
             if self.channels_last and out.dim() == 4:
-                # The cotangents it multiplies are channels-last (see _Workspace).
-                call.relu_mask = call.relu_mask.contiguous(memory_format=torch.channels_last)
+                mask = mask.contiguous(memory_format=torch.channels_last)
+            call.relu_mask = mask.to(out.dtype)
+
+
+_ALL = slice(None)
 
 
 class _Vjp:
-    """A VJP for M cotangents at once: ``self(u)`` maps [M, B, *out] to [M, B, *in] without
-    touching u; ``into(u, out)`` writes the result into ``out`` (which may be u itself)."""
+    """A VJP for M cotangents at once: ``self(u)`` maps [M, b, *out] to [M, b, *in] without
+    touching u; ``into(u, out)`` writes the result into ``out`` (which may be u itself).
+    ``samples`` says which samples of the batch the b columns are, for per-sample factors."""
 
-    def __call__(self, u: Tensor) -> Tensor:
+    def __call__(self, u: Tensor, samples: slice = _ALL) -> Tensor:
         raise NotImplementedError
 
-    def into(self, u: Tensor, out: Tensor) -> None:
-        out.copy_(self(u))
+    def into(self, u: Tensor, out: Tensor, samples: slice = _ALL) -> None:
+        out.copy_(self(u, samples))
 
 
 class _ConvT(_Vjp):
@@ -165,7 +200,7 @@ class _ConvT(_Vjp):
             for d in range(2)
         )
 
-    def __call__(self, u: Tensor) -> Tensor:
+    def __call__(self, u: Tensor, samples: slice = _ALL) -> Tensor:
         m, b = u.shape[:2]
         out = F.conv_transpose2d(
             u.reshape(m * b, *u.shape[2:]), self.weight, None, self.stride, self.padding,
@@ -175,37 +210,60 @@ class _ConvT(_Vjp):
 
 
 class _Mul(_Vjp):
-    """VJP of an elementwise linear map: multiply by ``factor`` ([B, C, H, W] or [C, 1, 1])."""
+    """VJP of an elementwise linear map: multiply by ``factor``, per sample ([B, ...], a ReLU
+    mask) or broadcast ([C, 1, 1] or a scalar)."""
 
-    def __init__(self, factor: Tensor) -> None:
-        self.factor = factor
+    def __init__(self, factor: Tensor, per_sample: bool) -> None:
+        self.factor, self.per_sample = factor, per_sample
 
-    def __call__(self, u: Tensor) -> Tensor:
-        return u * self.factor
+    def __call__(self, u: Tensor, samples: slice = _ALL) -> Tensor:
+        return u * (self.factor[samples] if self.per_sample else self.factor)
 
-    def into(self, u: Tensor, out: Tensor) -> None:
-        torch.mul(u, self.factor, out=out)
+    def into(self, u: Tensor, out: Tensor, samples: slice = _ALL) -> None:
+        torch.mul(u, self.factor[samples] if self.per_sample else self.factor, out=out)
+
+
+class _OptionAT(_Vjp):
+    """VJP of the option-A shortcut (subsample by the stride, zero-pad channels): keep the input's
+    channels, put them back on the strided grid, zeros elsewhere."""
+
+    def __init__(self, shortcut: OptionAShortcut, in_shape: torch.Size) -> None:
+        self.first = (shortcut.cout - shortcut.cin) // 2
+        self.cin, self.stride, self.in_shape = shortcut.cin, shortcut.stride, in_shape
+
+    def __call__(self, u: Tensor, samples: slice = _ALL) -> Tensor:
+        out = u.new_empty(*u.shape[:2], *self.in_shape[1:])
+        self.into(u, out, samples)
+        return out
+
+    def into(self, u: Tensor, out: Tensor, samples: slice = _ALL) -> None:
+        kept = u[:, :, self.first : self.first + self.cin]
+        if self.stride == 1:
+            out.copy_(kept)
+        else:
+            out.zero_()
+            out[..., :: self.stride, :: self.stride].copy_(kept)
 
 
 class _Chain(_Vjp):
     def __init__(self, ops: list[_Vjp]) -> None:
         self.ops = ops
 
-    def _head(self, u: Tensor) -> Tensor:
+    def _head(self, u: Tensor, samples: slice) -> Tensor:
         """All ops but the last; after the first, the intermediates are ours to overwrite."""
-        u = self.ops[0](u)
+        u = self.ops[0](u, samples)
         for op in self.ops[1:-1]:
             if isinstance(op, _Mul):
-                op.into(u, u)
+                op.into(u, u, samples)
             else:
-                u = op(u)
+                u = op(u, samples)
         return u
 
-    def __call__(self, u: Tensor) -> Tensor:
-        return self.ops[-1](self._head(u))
+    def __call__(self, u: Tensor, samples: slice = _ALL) -> Tensor:
+        return self.ops[-1](self._head(u, samples), samples)
 
-    def into(self, u: Tensor, out: Tensor) -> None:
-        self.ops[-1].into(self._head(u), out)
+    def into(self, u: Tensor, out: Tensor, samples: slice = _ALL) -> None:
+        self.ops[-1].into(self._head(u, samples), out, samples)
 
 
 class _Recompute(_Vjp):
@@ -216,13 +274,19 @@ class _Recompute(_Vjp):
     def __init__(self, fn: Callable[[Tensor], Tensor], x: Tensor, scale: float) -> None:
         self.fn, self.x, self.scale = fn, x, scale
 
-    def __call__(self, u: Tensor) -> Tensor:
+    def __call__(self, u: Tensor, samples: slice = _ALL) -> Tensor:
         m, b = u.shape[:2]
-        xs = self.x.expand(m, *self.x.shape).reshape(m * b, *self.x.shape[1:]).requires_grad_()
+        x = self.x[samples]
+        xs = x.expand(m, *x.shape).reshape(m * b, *x.shape[1:]).requires_grad_()
         with torch.enable_grad():
             out = self.fn(xs)
             (g,) = torch.autograd.grad(out, xs, u.reshape(m * b, *u.shape[2:]) * self.scale)
         return g.view(m, b, *g.shape[1:])
+
+
+def _scale_op(factor: Tensor) -> _Mul:
+    """A pending per-channel (or scalar) factor as an op."""
+    return _Mul(factor.reshape(-1, 1, 1) if factor.dim() else factor, per_sample=False)
 
 
 def _chain_from_calls(calls: list[_Call], x: Tensor, x_version: int, out: Tensor,
@@ -258,13 +322,20 @@ def _chain_from_calls(calls: list[_Call], x: Tensor, x_version: int, out: Tensor
             a = a.to(out.dtype)
             pending = a if pending is None else pending * a
         elif isinstance(m, nn.ReLU):
-            ops.append(_Mul(call.relu_mask))
+            ops.append(_Mul(call.relu_mask, per_sample=True))
+        elif isinstance(m, OptionAShortcut):
+            if call.input.dim() != 4:
+                return None
+            if pending is not None:
+                ops.append(_scale_op(pending))
+                pending = None
+            ops.append(_OptionAT(m, call.input.shape))
     if pending is not None:
-        factor = pending.reshape(-1, 1, 1) if pending.dim() else pending
         if ops and isinstance(ops[-1], _Mul):
-            ops[-1] = _Mul(ops[-1].factor * factor)
+            last = ops[-1]
+            ops[-1] = _Mul(last.factor * _scale_op(pending).factor, last.per_sample)
         else:
-            ops.append(_Mul(factor))
+            ops.append(_scale_op(pending))
     return ops
 
 
@@ -272,9 +343,9 @@ def _linearize(tape: _Tape, fn: Callable[[Tensor], Tensor], x: Tensor,
                scale: float = 1.0) -> tuple[Tensor, _Vjp | None]:
     """``out = fn(x)`` and the VJP of ``scale * fn`` at x (None for the identity).
 
-    A chain of Conv2d / BatchNorm2d (eval) / ReLU / Identity calls becomes transposed
-    convolutions and masks computed once here, so a VJP costs no forward; anything else falls
-    back to :class:`_Recompute`.
+    A chain of Conv2d / BatchNorm2d (eval) / ReLU / Identity / OptionAShortcut calls becomes
+    transposed convolutions and masks computed once here, so a VJP costs no forward; anything
+    else falls back to :class:`_Recompute`.
     """
     tape.calls, tape.unsupported = [], False
     version = x._version
@@ -403,20 +474,20 @@ class _Workspace:
     """Two flat buffers of ``rows`` cotangents each, reused by every block and chunk: the groups
     at the current block, and their children after a block that changes the shape.
 
-    On the CPU two things decide the speed: oneDNN's transposed convolutions run several times
-    faster on channels-last tensors, and every fresh tensor over glibc's mmap threshold (32 MiB)
-    is page-faulted in anew. So there cotangents live channels-last in these reused buffers and
-    VJPs run on views of them, a slab of a few rows at a time, which keeps their intermediates
-    small and never copies rows. On a GPU, scattered rows are gathered so that each VJP is one
-    large batched call.
+    On the CPU the speed is decided by memory, not arithmetic: oneDNN's transposed convolutions
+    run several times faster on channels-last tensors, a convolution whose input and output fit
+    in cache runs about a third faster than one streaming from memory, and every fresh tensor over
+    glibc's mmap threshold (32 MiB) is page-faulted in anew. So there cotangents live
+    channels-last in these reused buffers and VJPs run on views of them, slab by slab of at most
+    ``CPU_SLAB`` elements (a few rows, or part of one row's batch), never copying rows. On a GPU,
+    scattered rows are gathered so that each VJP is one large batched call.
     """
 
-    CPU_SLAB = 1 << 22  # elements (16 MiB of float32), under the mmap threshold
+    CPU_SLAB = 1 << 20  # elements per slab (4 MiB of float32)
 
     def __init__(self, rows: int, numel: int, like: Tensor) -> None:
         self.channels_last = like.device.type == "cpu"
         self.batched = _batched_rows(like.device)
-        self.slab = max(rows, 1) if self.batched else max(1, self.CPU_SLAB // numel)
         self.cur, self.nxt = like.new_empty(rows * numel), like.new_empty(rows * numel)
 
     def view(self, buf: Tensor, m: int, shape: torch.Size) -> Tensor:
@@ -431,22 +502,32 @@ class _Workspace:
         """``out[dst[j]] = vjp(u[src[j]])`` for all j (None: the identity). A destination row may
         be its own source, never another pair's source."""
         runs = _runs(src, dst)
-        if self.batched and len(runs) > 1:
-            rows = _apply(vjp, u.index_select(0, torch.tensor(src, device=u.device)))
-            out.index_copy_(0, torch.tensor(dst, device=u.device), rows)
+        if self.batched and runs:
+            if len(runs) == 1:
+                s, d, length = runs[0]
+                _into(vjp, u[s : s + length], out[d : d + length], _ALL)
+                return
+            rows = u.index_select(0, torch.tensor(src, dtype=torch.long, device=u.device))
+            if vjp is not None:
+                rows = vjp(rows)
+            out.index_copy_(0, torch.tensor(dst, dtype=torch.long, device=u.device), rows)
             return
+        row, sample = math.prod(u.shape[1:]), math.prod(u.shape[2:])
+        rows_per_slab = max(1, self.CPU_SLAB // row)
+        samples_per_slab = u.shape[1] if rows_per_slab > 1 else max(1, self.CPU_SLAB // sample)
         for s, d, length in runs:
-            for k in range(0, length, self.slab):
-                rows = min(self.slab, length - k)
-                part, into = u[s + k : s + k + rows], out[d + k : d + k + rows]
-                if vjp is not None:
-                    vjp.into(part, into)
-                elif part.data_ptr() != into.data_ptr():
-                    into.copy_(part)
+            for k in range(0, length, rows_per_slab):
+                n = min(rows_per_slab, length - k)
+                for a in range(0, u.shape[1], samples_per_slab):
+                    cols = slice(a, a + samples_per_slab)
+                    _into(vjp, u[s + k : s + k + n, cols], out[d + k : d + k + n, cols], cols)
 
 
-def _apply(vjp: _Vjp | None, u: Tensor) -> Tensor:
-    return u if vjp is None else vjp(u)
+def _into(vjp: _Vjp | None, u: Tensor, out: Tensor, samples: slice) -> None:
+    if vjp is not None:
+        vjp.into(u, out, samples)
+    elif u.data_ptr() != out.data_ptr():
+        out.copy_(u)
 
 
 def _chunk_gradients(lin: _Linearized, chunk: Tensor, ws: _Workspace) -> tuple[Tensor, Tensor]:
@@ -559,7 +640,8 @@ def path_gradient_norms(
     """
     norms = torch.empty(len(paths), dtype=torch.float64)
     for ids, grads, owner in _path_gradient_chunks(model, x, y, paths, chunk_size, budget):
-        per_group = torch.linalg.vector_norm(grads.flatten(1), dim=1).to("cpu", torch.float64)
+        dims = tuple(range(1, grads.dim()))
+        per_group = torch.linalg.vector_norm(grads, dim=dims, dtype=torch.float64).cpu()
         norms[ids] = per_group[owner]
         if progress is not None:
             progress(len(ids))
@@ -589,7 +671,7 @@ def path_gradient_norms_naive(model: nn.Module, x: Tensor, y: Tensor, paths: Ten
         for p, path in enumerate(paths.tolist()):
             xp = x.detach().clone().requires_grad_()
             h = model.stem(xp)
-            for block, through_branch in zip(model.blocks, path):
+            for block, through_branch in zip(model.blocks, path, strict=True):
                 b = block.survival_prob * block.branch(h)
                 if block.shortcut is None:
                     z = b
@@ -598,7 +680,7 @@ def path_gradient_norms_naive(model: nn.Module, x: Tensor, y: Tensor, paths: Ten
                     z = s.detach() + b if through_branch else s + b.detach()
                 h = block.post(z)
             (g,) = torch.autograd.grad(F.cross_entropy(model.head(h), y), xp)
-            norms[p] = float(torch.linalg.vector_norm(g))
+            norms[p] = float(torch.linalg.vector_norm(g, dtype=torch.float64))
     return norms
 
 
@@ -664,7 +746,7 @@ def path_gradient_by_length(
     shares = [len(part) for part in torch.arange(samples_per_length).tensor_split(len(batches))]
     norms = torch.empty(len(lengths), samples_per_length, dtype=torch.float64)
     done = 0
-    for (x, y), share in zip(batches, shares):
+    for (x, y), share in zip(batches, shares, strict=True):
         if share == 0:
             break
         paths = torch.cat([sample_paths(n, k, share, generator) for k in lengths])
