@@ -37,8 +37,8 @@ class PathLengths(AnalysisCallback):
 
 class PathGradient(AnalysisCallback):
     """Gradient norm at the input carried by sampled paths of each length, on random training
-    batches. Each rank measures the batches j with j mod world = rank; the per-sample norms are
-    summed over ranks (each sample is measured by exactly one rank, the others contribute 0)."""
+    batches. Each rank measures the batches j with j mod world = rank, each with its own seeded
+    paths; the per-sample norms are summed over ranks (each is measured by exactly one rank)."""
 
     name = "path_gradient"
 
@@ -54,13 +54,20 @@ class PathGradient(AnalysisCallback):
         dm.setup("fit")
         loader = dm.analysis_train_dataloader(c.batch_size, self.cfg.seed)
         batches = list(itertools.islice(loader, n_batches))
+        shares = [len(s) for s in torch.arange(samples).tensor_split(len(batches))]
         rank, world = ctx.trainer.global_rank, ctx.trainer.world_size
+        norms = torch.zeros(len(lengths), samples, dtype=torch.float64)
+        done = 0
         with ctx.progress("path gradients", samples * len(lengths)) as bar:
-            measured = paths.path_gradient_by_length(
-                model, batches, lengths, samples, self.generator(3), progress=bar.advance,
-                shard=(rank, world),
-            )
-        norms = ctx.sum_across_ranks(measured.norms, device)
+            for j, (batch, share) in enumerate(zip(batches, shares)):
+                if j % world == rank and share:
+                    # a generator per batch: the same paths whatever the number of processes
+                    measured = paths.path_gradient_by_length(
+                        model, [batch], lengths, share, self.generator(1000 + j), progress=bar.advance
+                    )
+                    norms[:, done : done + share] = measured.norms
+                done += share
+        norms = ctx.sum_across_ranks(norms, device)
         return paths.PathGradientsByLength(n, lengths, norms)
 
     def report(self, ctx, model, result: paths.PathGradientsByLength):

@@ -183,8 +183,10 @@ def test_plain_blocks_only_through_the_branch():
 
 def test_paths_shape_checked():
     model, x, y = make("postact")
+    n = len(model.blocks)
     with pytest.raises(ValueError, match="paths"):
-        P.path_gradient_norms(model, x, y, torch.ones(2, len(model.blocks) + 1, dtype=torch.bool))
+        P.path_gradient_norms(model, x, y, torch.ones(2, n + 1, dtype=torch.bool))
+    assert P.path_gradient_norms(model, x, y, torch.zeros(0, n, dtype=torch.bool)).shape == (0,)
 
 
 def test_sample_paths():

@@ -507,10 +507,10 @@ class _Workspace:
                 s, d, length = runs[0]
                 _into(vjp, u[s : s + length], out[d : d + length], _ALL)
                 return
-            rows = u.index_select(0, torch.tensor(src, dtype=torch.long, device=u.device))
+            rows = u.index_select(0, _index(src, u.device))
             if vjp is not None:
                 rows = vjp(rows)
-            out.index_copy_(0, torch.tensor(dst, dtype=torch.long, device=u.device), rows)
+            out.index_copy_(0, _index(dst, u.device), rows)
             return
         row, sample = math.prod(u.shape[1:]), math.prod(u.shape[2:])
         rows_per_slab = max(1, self.CPU_SLAB // row)
@@ -521,6 +521,15 @@ class _Workspace:
                 for a in range(0, u.shape[1], samples_per_slab):
                     cols = slice(a, a + samples_per_slab)
                     _into(vjp, u[s + k : s + k + n, cols], out[d + k : d + k + n, cols], cols)
+
+
+def _index(rows: list[int], device: torch.device) -> Tensor:
+    """Row indices on the device without stalling it: a copy from pageable memory would wait for
+    the work queued so far, so the bookkeeping of the next block could not overlap it."""
+    index = torch.tensor(rows, dtype=torch.long)
+    if device.type == "cuda":
+        return index.pin_memory().to(device, non_blocking=True)
+    return index.to(device)
 
 
 def _into(vjp: _Vjp | None, u: Tensor, out: Tensor, samples: slice) -> None:
