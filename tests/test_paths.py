@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Callable, Iterator
 
 import pytest
 import torch
@@ -13,11 +14,11 @@ from torch import nn
 from torch.autograd.functional import jacobian
 
 import resens.analysis.paths as P
-from resens.models import cifar_plain, cifar_resnet, imagenet_resnet
+from resens.models import Block, ResidualNet, cifar_plain, cifar_resnet, imagenet_resnet
 
 
 @pytest.fixture(autouse=True, scope="module")
-def one_thread():
+def one_thread() -> Iterator[None]:
     """The tensors here are tiny: a second intra-op thread only adds synchronisation latency."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -39,12 +40,32 @@ def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
     return model
 
 
+class OddBlock(Block):
+    """Speaks the vocabulary with parts the engine does not read (Hardtanh in place, Softplus, a
+    lambda) and a same-shape conv shortcut: exercises the autograd fallback."""
+
+    def __init__(self, c: int, survival_prob: float, lambda_shortcut: bool) -> None:
+        super().__init__(survival_prob)
+        self.branch = nn.Sequential(
+            nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c), nn.Hardtanh(inplace=True), nn.Conv2d(c, c, 1)
+        )
+        self.shortcut = (lambda x: 0.5 * x) if lambda_shortcut else nn.Conv2d(c, c, 1, bias=False)
+        self.post = nn.Softplus()
+
+
+def odd_net() -> ResidualNet:
+    blocks = [OddBlock(4, 0.7, False), OddBlock(4, 1.0, True), OddBlock(4, 0.9, False)]
+    head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 10))
+    return ResidualNet(nn.Conv2d(3, 4, 3, padding=1), blocks, head)
+
+
 MODELS = {
-    "postact": (lambda: cifar_resnet(8, width=4), (3, 3, 8, 8)),
+    "postact": (lambda: cifar_resnet(14, width=4), (3, 3, 8, 8)),
     "preact": (lambda: cifar_resnet(14, preact=True, width=4), (3, 3, 8, 8)),
     "bottleneck": (lambda: imagenet_resnet(layers=(1, 2, 1, 1), width=4, num_classes=10), (2, 3, 16, 16)),
     "stochastic": (lambda: cifar_resnet(8, width=4, stochastic_depth=0.5), (3, 3, 8, 8)),
     "stochastic_preact": (lambda: cifar_resnet(8, preact=True, width=4, stochastic_depth=0.5), (3, 3, 8, 8)),
+    "fallback": (odd_net, (3, 3, 8, 8)),
 }
 
 
@@ -68,7 +89,8 @@ def jacobian_reference(model: nn.Module, x: torch.Tensor, y: torch.Tensor, paths
     """Independent of the engine and of the naive version: explicit Jacobian matrices of the stem,
     of post, branch and shortcut of every block at the intact activations, multiplied out."""
 
-    def jac(fn, inp: torch.Tensor) -> torch.Tensor:  # [out numel, in numel]
+    def jac(fn: Callable[[torch.Tensor], torch.Tensor], inp: torch.Tensor) -> torch.Tensor:
+        """[out numel, in numel]"""
         return jacobian(fn, inp, vectorize=True).reshape(-1, inp.numel())
 
     with torch.no_grad():
@@ -103,7 +125,7 @@ def test_fast_equals_jacobian_products(name):
     torch.testing.assert_close(got, expected, rtol=1e-9, atol=0)
 
 
-@pytest.mark.parametrize("name", ["postact", "preact", "bottleneck", "stochastic"])
+@pytest.mark.parametrize("name", ["postact", "preact", "bottleneck", "stochastic", "fallback"])
 @pytest.mark.parametrize("chunk_size", [1, 4, None])
 def test_fast_equals_naive(name, chunk_size):
     model, x, y = make(name, seed=1)
@@ -112,7 +134,7 @@ def test_fast_equals_naive(name, chunk_size):
     torch.testing.assert_close(fast, P.path_gradient_norms_naive(model, x, y, paths), rtol=1e-9, atol=0)
 
 
-@pytest.mark.parametrize("name", ["postact", "bottleneck"])
+@pytest.mark.parametrize("name", ["postact", "bottleneck", "fallback"])
 def test_batched_rows_mode_equals_naive(monkeypatch, name):
     """The GPU strategy (gather rows, one VJP call per block) gives the same numbers."""
     monkeypatch.setattr(P, "_batched_rows", lambda device: True)
@@ -155,6 +177,7 @@ def test_model_untouched():
     state = {k: v.clone() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
     flags = [(m, m.training) for m in model.modules()]
     requires = [(p, p.requires_grad) for p in model.parameters()]
+    gates = model.gate_generator.get_state()
     paths = some_paths(len(model.blocks), 5)
     P.path_gradient_norms(model, x, y, paths)
     P.path_gradient_norms_naive(model, x, y, paths)
@@ -163,6 +186,7 @@ def test_model_untouched():
             assert torch.equal(v, state[k]), k
     assert all(m.training == flag for m, flag in flags)
     assert all(p.requires_grad == r for p, r in requires)
+    assert torch.equal(model.gate_generator.get_state(), gates)
     assert torch.equal(model.stem[0].weight.grad, torch.full_like(model.stem[0].weight, 0.25))
     assert all(p.grad is None for name, p in model.named_parameters() if name != "stem.0.weight")
 
@@ -328,7 +352,7 @@ def test_gradient_by_length_protocol():
 
 
 @pytest.mark.parametrize("slab", [1, 300, 5000])
-@pytest.mark.parametrize("name", ["postact", "bottleneck"])
+@pytest.mark.parametrize("name", ["postact", "bottleneck", "fallback"])
 def test_cpu_slabs_equal_naive(monkeypatch, name, slab):
     """VJPs run on part of a row's batch (down to one sample) or on several rows at once."""
     monkeypatch.setattr(P._Workspace, "CPU_SLAB", slab)

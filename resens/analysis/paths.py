@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.utils.hooks import RemovableHandle
 
 from resens.models.blocks import OptionAShortcut
 
@@ -132,7 +133,7 @@ class _Tape:
         self.channels_last = channels_last
         self.calls: list[_Call] | None = None
         self.unsupported = False
-        self._handles = []
+        self._handles: list[RemovableHandle] = []
         for m in model.modules():
             if type(m) in self.LEAVES:
                 self._handles.append(m.register_forward_pre_hook(self._pre))
@@ -206,7 +207,7 @@ class _ConvT(_Vjp):
             u.reshape(m * b, *u.shape[2:]), self.weight, None, self.stride, self.padding,
             self.output_padding, self.groups, self.dilation,
         )
-        return out.view(m, b, *out.shape[1:])
+        return out.reshape(m, b, *out.shape[1:])
 
 
 class _Mul(_Vjp):
@@ -279,9 +280,10 @@ class _Recompute(_Vjp):
         x = self.x[samples]
         xs = x.expand(m, *x.shape).reshape(m * b, *x.shape[1:]).requires_grad_()
         with torch.enable_grad():
-            out = self.fn(xs)
+            # A clone, so that fn may work in place on its input as it does in the model.
+            out = self.fn(xs.clone())
             (g,) = torch.autograd.grad(out, xs, u.reshape(m * b, *u.shape[2:]) * self.scale)
-        return g.view(m, b, *g.shape[1:])
+        return g.reshape(m, b, *g.shape[1:])
 
 
 def _scale_op(factor: Tensor) -> _Mul:
@@ -735,7 +737,8 @@ def path_gradient_by_length(
     samples_per_length: int,
     generator: torch.Generator,
     progress: Progress | None = None,
-    **kwargs,
+    chunk_size: int | None = None,
+    budget: int = DEFAULT_BUDGET,
 ) -> PathGradientsByLength:
     """Veit et al.'s measurement: for each path length k in ``lengths``, ``samples_per_length``
     paths drawn with :func:`sample_paths` (k random branches), each measured on a batch.
@@ -743,8 +746,8 @@ def path_gradient_by_length(
     The samples are spread evenly over ``batches`` (iterable of ``(x, y)``; materialised if it has
     no ``len``): batch j serves its share of the samples of every length, so one forward pass and
     the shared backward serve them all. Deterministic given ``generator`` and the batches.
-    ``progress(k)`` is called as k more paths are measured; ``kwargs`` go to
-    :func:`path_gradient_norms` (``chunk_size``, ``budget``).
+    ``progress(k)`` is called as k more paths are measured; ``chunk_size`` and ``budget`` go to
+    :func:`path_gradient_norms`.
     """
     n = len(model.blocks)
     lengths = [int(k) for k in lengths]
@@ -759,7 +762,7 @@ def path_gradient_by_length(
         if share == 0:
             break
         paths = torch.cat([sample_paths(n, k, share, generator) for k in lengths])
-        measured = path_gradient_norms(model, x, y, paths, progress=progress, **kwargs)
+        measured = path_gradient_norms(model, x, y, paths, chunk_size, budget, progress)
         norms[:, done : done + share] = measured.view(len(lengths), share)
         done += share
     return PathGradientsByLength(n, lengths, norms)
