@@ -31,5 +31,5 @@ __all__ = [
     "effective_path_survival", "effective_paths", "evaluate_variants", "evaluate_variants_naive",
     "kendall_tau", "path_gradient_by_length", "path_gradient_norms", "path_gradient_norms_naive",
     "path_input_gradients", "path_length_distribution", "path_survival", "path_survival_by_length",
-    "sample_deletions", "sample_paths", "share_of_paths", "swappable_groups",
+    "sample_deletions", "sample_paths", "sample_swaps", "share_of_paths", "swappable_groups",
 ]
