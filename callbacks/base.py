@@ -182,7 +182,9 @@ class AnalysisCallback(L.Callback):
     def _run(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         ctx = context(trainer)
         start = time.perf_counter()
-        result = self.compute(ctx, pl_module.model, pl_module.device)
+        # trainer.test runs its hooks in inference mode; path gradients need autograd.
+        with torch.inference_mode(False), torch.enable_grad():
+            result = self.compute(ctx, pl_module.model, pl_module.device)
         ctx.timings[self.name] = round(time.perf_counter() - start, 3)
         if result is not None:
             self.report(ctx, pl_module.model, result)

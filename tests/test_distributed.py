@@ -194,9 +194,16 @@ def lesions(job, tmp_path_factory) -> dict[str, dict]:
     """``python -m resens.analyze`` on the job's final checkpoint with 1 and with 2 processes."""
     tmp = tmp_path_factory.mktemp("lesions")
     ckpt = job.run_dir / "checkpoints" / "last.ckpt"
+    every_analysis = [
+        "analysis.run=[single_deletion,multi_deletion,reorder,path_lengths,path_gradient,"
+        "effective_paths,stochastic_depth]",
+        "analysis.path_gradient.samples_per_length=4",
+        "analysis.path_gradient.batches=2",
+        "analysis.path_gradient.batch_size=32",
+    ]
     launches = {
-        "one": ["trainer.devices=1", "trainer.strategy=auto"],
-        "two": ["trainer.devices=2", "trainer.strategy=ddp"],
+        "one": ["trainer.devices=1", "trainer.strategy=auto", *every_analysis],
+        "two": ["trainer.devices=2", "trainer.strategy=ddp", *every_analysis],
     }
     procs = {
         name: start(
@@ -227,6 +234,9 @@ def test_ddp_analyses_equal_single_process_analyses(job, lesions):
     for key in ANALYSES:
         assert lesions["two"][key] == lesions["one"][key], key
         assert fit[key] == lesions["one"][key], key  # the 2-node fit's own analyses
+    for key in ("path_lengths", "path_gradient", "effective_paths", "stochastic_depth"):
+        assert lesions["two"][key] == lesions["one"][key], key
+    assert [r["samples"] for r in lesions["one"]["path_gradient"]] == [4] * 7  # lengths 0..6
     assert len(lesions["one"]["single_deletion"]) == 6  # depth 14: 2 blocks per stage
     assert lesions["one"]["multi_deletion"] and lesions["one"]["reorder"]
 
