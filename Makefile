@@ -44,6 +44,10 @@ lesion: install
 	$(PY) -m resens.analyze --checkpoint $(CKPT) $(if $(CONFIG),--config $(CONFIG)) \
 		$(if $(filter-out runs,$(OUT)),--out $(OUT)) $(ARGS)
 
+## Each fast path against its naive reference, side by side: ratios in OUT/bench/bench.json.
+bench: install
+	$(PY) -m resens.bench --out $(OUT)/bench $(ARGS)
+
 test: install
 	$(PY) -m pytest -q
 

@@ -155,6 +155,30 @@ class RunFolder(L.Callback):
         OmegaConf.save(self.cfg, self.run_dir / "config.yaml")
 
 
+class Throughput(L.Callback):
+    """Logs ``train/images_per_s``: training images per second over all processes, per epoch
+    (timed from the second step to the end of the last, so start-up and validation are left out)."""
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._images, self._start = 0, None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if batch_idx == 1:  # the first step (warm-up, compilation) is left out
+            if pl_module.device.type == "cuda":
+                torch.cuda.synchronize(pl_module.device)
+            self._start = time.perf_counter()
+        if batch_idx >= 1:
+            self._images += len(batch[1])
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._start is None or not self._images:
+            return
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize(pl_module.device)
+        rate = self._images * trainer.world_size / (time.perf_counter() - self._start)
+        pl_module.log("train/images_per_s", rate, rank_zero_only=True)
+
+
 class RNGState(L.Callback):
     """Saves and restores the Python, NumPy and torch RNG states with each checkpoint, so a
     resumed run draws the same random numbers as an uninterrupted one (plain types only:

@@ -29,6 +29,7 @@ from resens.run import (
     RNGState,
     RunFolder,
     SlurmRequeue,
+    Throughput,
     make_logger,
     resolve_run,
 )
@@ -136,7 +137,9 @@ def train(cfg: DictConfig) -> Path:
         last = ModelCheckpoint(
             dirpath=run_dir / "checkpoints", filename="last", enable_version_counter=False
         )
-        trainer = build_trainer(cfg, run_dir, run_id, [best, last, LearningRateMonitor("step")])
+        trainer = build_trainer(
+            cfg, run_dir, run_id, [best, last, LearningRateMonitor("step"), Throughput()]
+        )
         if module.model.stochastic_depth and isinstance(trainer.strategy, DDPStrategy):
             # A closed gate leaves its branch without gradient: DDP must look for unused parameters.
             trainer.strategy._ddp_kwargs["find_unused_parameters"] = True

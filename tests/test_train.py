@@ -55,7 +55,7 @@ def test_wandb_offline_run_records_config_metrics_and_analysis(run_dir):
     assert run["group"] == "tests" and run["job_type"] == "train"
     assert run["config"]["model"]["depth"] == 8
     keys = run["history_keys"]
-    assert {"train/loss_step", "val/error", "lr-SGD"} <= keys
+    assert {"train/loss_step", "train/error", "train/images_per_s", "val/error", "lr-SGD"} <= keys
     assert any(k.startswith("analysis/deletion/single/table") for k in keys)
     assert any(k.startswith("analysis/deletion/single/figure") for k in keys)
     assert "analysis/baseline_error" in run["summary"]
