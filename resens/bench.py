@@ -151,7 +151,7 @@ SIZES = {
     # name: (cpu, cuda, quick)
     "single_deletion": ({"depth": 110, "images": 256, "batch": 128}, {"depth": 110, "images": 10000, "batch": 2000},
                         {"depth": 14, "images": 16, "batch": 8}),
-    "path_gradient": ({"depth": 110, "batch": 128, "per_length": 2}, {"depth": 110, "batch": 128, "per_length": 20},
+    "path_gradient": ({"depth": 110, "batch": 128, "per_length": 4}, {"depth": 110, "batch": 128, "per_length": 20},
                       {"depth": 14, "batch": 4, "per_length": 1}),
     "train_step": ({"depth": 110, "batch": 128, "steps": 2}, {"depth": 110, "batch": 128, "steps": 50},
                    {"depth": 8, "batch": 8, "steps": 1}),

@@ -99,13 +99,16 @@ def test_reorders_equal_rebuilt_networks_and_the_naive_engine(kind):
     torch.testing.assert_close(V.evaluate_variants_naive(model, batches, vs), expected)
 
 
-def test_small_memory_budget_gives_the_same_counts():
+def test_memory_budget_and_folding_give_the_same_counts():
     model, batches = make("post")
     n = len(model.blocks)
     vs = [V.intact(n)] + [V.deletion_variant(n, [i]) for i in range(n)]
     wide = V.count_variant_errors(model, batches, vs)
     narrow = V.count_variant_errors(model, batches, vs, budget=1)
-    assert torch.equal(wide[0], narrow[0]) and wide[1] == narrow[1] == 48
+    folded = V.count_variant_errors(model, batches, vs, fold=1 << 30)
+    unfolded = V.count_variant_errors(model, batches, vs, fold=1)
+    assert wide[1] == narrow[1] == folded[1] == unfolded[1] == 48
+    assert torch.equal(wide[0], narrow[0]) and torch.equal(wide[0], folded[0]) and torch.equal(wide[0], unfolded[0])
 
 
 def test_engine_leaves_the_model_untouched():

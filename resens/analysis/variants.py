@@ -19,6 +19,9 @@ Batches = Iterable[tuple[Tensor, Tensor]]
 # Live activations per chunk of variants, in elements (1 GiB of float32).
 DEFAULT_BUDGET = 1 << 28
 MIN_SUB_BATCH = 32
+# Elements of one folded block call.
+FOLD_CPU = 1 << 21
+FOLD_GPU = 1 << 27
 
 
 def intact(n: int) -> list[int]:
@@ -58,9 +61,11 @@ def _check_variants(variants: Sequence[Variant], n: int) -> None:
             raise ValueError(f"variant entries must be block indices 0..{n - 1} or None: {list(v)}")
 
 
-def _wrong_per_variant(model: nn.Module, h: Tensor, y: Tensor, variants: Sequence[Variant]) -> list[int]:
+def _wrong_per_variant(
+    model: nn.Module, h: Tensor, y: Tensor, variants: Sequence[Variant], fold: int
+) -> list[int]:
     """Errors of each variant on one batch, sharing every common prefix and folding the variants
-    that run the same block at the same position into one batched call."""
+    that run the same block at the same position into batched calls of up to ``fold`` elements."""
     batch = h.shape[0]
     groups: list[tuple[Tensor, list[int]]] = [(h, list(range(len(variants))))]
     for position in range(len(model.blocks)):
@@ -73,14 +78,17 @@ def _wrong_per_variant(model: nn.Module, h: Tensor, y: Tensor, variants: Sequenc
                 by_op[op].append((act, vs))
         groups = []
         for op, items in by_op.items():
-            x = items[0][0] if len(items) == 1 else torch.cat([a for a, _ in items])
-            try:
-                out = apply_position(model, position, op, x)
-            except RuntimeError as err:
-                raise ValueError(
-                    f"block {op} cannot run at position {position} (shape mismatch): {err}"
-                ) from None
-            groups.extend(zip(out.split(batch), (vs for _, vs in items)))
+            per_call = max(1, fold // items[0][0].numel())
+            for start in range(0, len(items), per_call):
+                part = items[start : start + per_call]
+                x = part[0][0] if len(part) == 1 else torch.cat([a for a, _ in part])
+                try:
+                    out = apply_position(model, position, op, x)
+                except RuntimeError as err:
+                    raise ValueError(
+                        f"block {op} cannot run at position {position} (shape mismatch): {err}"
+                    ) from None
+                groups.extend(zip(out.split(batch), (vs for _, vs in part)))
     wrong = [0] * len(variants)
     for act, ids in groups:
         w = int((model.head(act).argmax(1) != y).sum())
@@ -96,12 +104,15 @@ def count_variant_errors(
     variants: Sequence[Variant],
     budget: int = DEFAULT_BUDGET,
     progress: Callable[[int], None] | None = None,
+    fold: int | None = None,
 ) -> tuple[Tensor, int]:
     """Misclassified samples of each variant over ``batches`` and the number of samples.
 
     Returns ``(wrong [V] int64, total)``: integer counts, so shards of a data set (DDP ranks)
     add up exactly. Runs in eval mode and restores the model's mode. ``progress(k)`` is called
-    after each batch with its number of samples.
+    after each batch with its number of samples. ``fold`` caps the elements of one batched call:
+    on a GPU large calls amortise kernel launches; on a CPU they fall out of the caches, so the
+    default there is small (prefix sharing alone then does the work).
     """
     n = len(model.blocks)
     variants = [list(v) for v in variants]
@@ -109,6 +120,8 @@ def count_variant_errors(
     # Sorting puts variants with long common prefixes in the same chunk.
     order = sorted(range(len(variants)), key=lambda v: [(-1 if op is None else op) for op in variants[v]])
     device = next(model.parameters()).device
+    if fold is None:
+        fold = FOLD_CPU if device.type == "cpu" else FOLD_GPU
     was_training = model.training
     model.eval()
     wrong = torch.zeros(len(variants), dtype=torch.int64)
@@ -125,7 +138,7 @@ def count_variant_errors(
                 ids = order[start : start + per_chunk]
                 sub = max(1, budget // (per_sample * len(ids)))
                 for hs, ys in zip(h.split(sub), y.split(sub)):
-                    counts = _wrong_per_variant(model, hs, ys, [variants[v] for v in ids])
+                    counts = _wrong_per_variant(model, hs, ys, [variants[v] for v in ids], fold)
                     wrong[ids] += torch.tensor(counts)
             total += y.shape[0]
             if progress is not None:
