@@ -156,19 +156,26 @@ class RunFolder(L.Callback):
 
 
 class Throughput(L.Callback):
-    """Logs ``train/images_per_s``: training images per second over all processes, per epoch
-    (timed from the second step to the end of the last, so start-up and validation are left out)."""
+    """Logs ``train/images_per_s``: training images per second over all processes, per epoch,
+    timed from the second step of the epoch (the first warms up, compiles) to its end."""
+
+    def __init__(self) -> None:
+        self._reset()
+
+    def _reset(self) -> None:
+        self._images, self._start, self._warm = 0, None, False
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._images, self._start = 0, None
+        self._reset()
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if batch_idx == 1:  # the first step (warm-up, compilation) is left out
-            if pl_module.device.type == "cuda":
-                torch.cuda.synchronize(pl_module.device)
-            self._start = time.perf_counter()
-        if batch_idx >= 1:
+        if self._warm:
+            if self._start is None:
+                if pl_module.device.type == "cuda":
+                    torch.cuda.synchronize(pl_module.device)
+                self._start = time.perf_counter()
             self._images += len(batch[1])
+        self._warm = True
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._start is None or not self._images:
