@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         analyze(args.checkpoint, args.config, args.out, args.overrides)
     except ResensError as err:
-        print(f"error: {err}", file=sys.stderr)
+        sys.stderr.write(f"error: {err}\n")  # one write: DDP processes' lines do not interleave
         return 2
     return 0
 
