@@ -29,10 +29,15 @@ ANALYSES = (
 
 @dataclass
 class ModelConfig:
+    """``arch`` names a registered builder (resens.models.MODELS); the other keys that are set
+    (not None) are its keyword arguments, and a key the builder does not take is an error."""
+
     arch: str = "cifar_resnet"  # cifar_resnet | cifar_plain | imagenet_resnet
-    depth: int = 110
-    preact: bool = False  # cifar_resnet: pre-activation blocks (He et al. 2016b)
+    depth: int | None = None  # builder default: 110 (CIFAR), 200 (ImageNet)
+    preact: bool | None = None  # cifar_resnet: pre-activation blocks (He et al. 2016b)
     stochastic_depth: float | None = None  # p_L of the linear decay; None turns it off
+    shortcut_pool: str | None = None  # cifar_resnet: subsample | avg (Huang et al.'s shortcut)
+    conv_bias: bool | None = None  # cifar_resnet: convolutions with a bias (Huang et al.)
     layers: list[int] | None = None  # imagenet_resnet: blocks per stage, overrides depth
     width: int | None = None  # channels of the first stage (16 CIFAR, 64 ImageNet)
     channels_last: bool = False  # NHWC memory format (faster convolutions on GPUs with bf16)

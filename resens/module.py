@@ -11,29 +11,28 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from resens import config as config_lib
 from resens.errors import ResensError
-from resens.models import ResidualNet, cifar_plain, cifar_resnet, imagenet_resnet
-
-BUILDERS = {"cifar_resnet": cifar_resnet, "cifar_plain": cifar_plain, "imagenet_resnet": imagenet_resnet}
-
+from resens.models import ResidualNet, model_arguments
+from resens.models import build_model as registry_build
 
 class NonFiniteLossError(ResensError):
     """The training loss became NaN or infinite."""
 
 
+# Config keys under ``model`` that are the training's, not the builder's.
+NOT_BUILDER_KEYS = ("arch", "channels_last", "compile")
+
+
 def build_model(cfg: DictConfig, num_classes: int, in_channels: int) -> ResidualNet:
-    m = cfg.model
-    kwargs = dict(num_classes=num_classes, in_channels=in_channels)
-    if m.width is not None:
-        kwargs["width"] = m.width
-    if m.arch == "imagenet_resnet":
-        kwargs.update(depth=m.depth, layers=m.layers, stochastic_depth=m.stochastic_depth, gate_seed=cfg.seed)
-    elif m.arch == "cifar_resnet":
-        kwargs.update(depth=m.depth, preact=m.preact, stochastic_depth=m.stochastic_depth, gate_seed=cfg.seed)
-    else:
-        kwargs.update(depth=m.depth)
+    """The registered builder ``cfg.model.arch`` with the keys of ``cfg.model`` that are set."""
+    kwargs = {
+        k: v for k, v in config_lib.to_dict(cfg.model).items() if k not in NOT_BUILDER_KEYS and v is not None
+    }
+    kwargs.update(num_classes=num_classes, in_channels=in_channels)
+    if "gate_seed" in model_arguments(cfg.model.arch):
+        kwargs["gate_seed"] = cfg.seed
     try:
-        return BUILDERS[m.arch](**kwargs)
-    except ValueError as err:
+        return registry_build(cfg.model.arch, **kwargs)
+    except (TypeError, ValueError) as err:
         raise config_lib.ConfigError(f"model: {err}") from None
 
 

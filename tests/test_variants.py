@@ -45,8 +45,10 @@ def make(kind: str, sd=None, seed=0):
     linear.weight.data.normal_(0, 3.0)  # varied predictions, so that variants can differ
     linear.bias.data.zero_()
     for block in model.blocks:
-        if hasattr(block, "residual"):  # bottleneck branches start small; make deletions matter
-            block.residual[-1].weight.data.mul_(8)
+        # pre-activation branches end in a conv and start small; make deletions matter
+        last = block.residual[-1] if hasattr(block, "residual") else block.branch[-1]
+        if isinstance(last, nn.Conv2d):
+            last.weight.data.mul_(8)
     g = torch.Generator().manual_seed(seed)
     c = INPUT[kind][0]
     # per-sample colour offsets survive global pooling, so predictions vary across samples

@@ -229,7 +229,7 @@ class _OptionAT(_Vjp):
     channels, put them back on the strided grid, zeros elsewhere."""
 
     def __init__(self, shortcut: OptionAShortcut, in_shape: torch.Size) -> None:
-        self.first = (shortcut.cout - shortcut.cin) // 2
+        self.first = 0  # the input's channels come first, the zeros after
         self.cin, self.stride, self.in_shape = shortcut.cin, shortcut.stride, in_shape
 
     def __call__(self, u: Tensor, samples: slice = _ALL) -> Tensor:
@@ -326,7 +326,7 @@ def _chain_from_calls(calls: list[_Call], x: Tensor, x_version: int, out: Tensor
         elif isinstance(m, nn.ReLU):
             ops.append(_Mul(call.relu_mask, per_sample=True))
         elif isinstance(m, OptionAShortcut):
-            if call.input.dim() != 4:
+            if call.input.dim() != 4 or m.pool != "subsample":
                 return None
             if pending is not None:
                 ops.append(_scale_op(pending))

@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
-def conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
-    return nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
+def conv3x3(cin: int, cout: int, stride: int = 1, bias: bool = False) -> nn.Conv2d:
+    return nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=bias)
 
 
 def conv1x1(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
@@ -26,22 +26,36 @@ def bn_relu(channels: int) -> nn.Sequential:
 
 
 class OptionAShortcut(nn.Module):
-    """Parameter-free shortcut of He et al. 2016 (option A): subsample by ``stride``, zero-pad channels."""
+    """Parameter-free shortcut of He et al. 2016 (option A): subsample by ``stride``, then append
+    zero channels after the input's own (as fb.resnet.torch and Huang et al.'s code do).
 
-    def __init__(self, cin: int, cout: int, stride: int) -> None:
+    ``pool="subsample"`` keeps every ``stride``-th pixel (fb.resnet.torch's 1x1 average pooling
+    with a stride); ``pool="avg"`` averages ``stride``x``stride`` windows (Huang et al.'s
+    ``ResidualDrop``).
+    """
+
+    POOLS = ("subsample", "avg")
+
+    def __init__(self, cin: int, cout: int, stride: int, pool: str = "subsample") -> None:
         super().__init__()
-        self.cin, self.cout, self.stride = cin, cout, stride
+        if pool not in self.POOLS:
+            raise ValueError(f"shortcut pooling must be one of {', '.join(self.POOLS)}, got '{pool}'")
+        if cout < cin:
+            raise ValueError(f"an option-A shortcut cannot drop channels ({cin} -> {cout})")
+        self.cin, self.cout, self.stride, self.pool = cin, cout, stride, pool
 
     def forward(self, x: Tensor) -> Tensor:
         if self.stride > 1:
-            x = x[:, :, :: self.stride, :: self.stride]
-        extra = self.cout - self.cin
-        if extra:
-            x = F.pad(x, (0, 0, 0, 0, extra // 2, extra - extra // 2))
+            if self.pool == "avg":
+                x = F.avg_pool2d(x, self.stride)
+            else:
+                x = x[:, :, :: self.stride, :: self.stride]
+        if self.cout > self.cin:
+            x = F.pad(x, (0, 0, 0, 0, 0, self.cout - self.cin))
         return x
 
     def extra_repr(self) -> str:
-        return f"{self.cin}->{self.cout}, stride={self.stride}"
+        return f"{self.cin}->{self.cout}, stride={self.stride}, pool={self.pool}"
 
 
 class Block(nn.Module):
@@ -84,21 +98,31 @@ class Block(nn.Module):
 
 
 class BasicBlock(Block):
-    """Post-activation basic block (He et al. 2016a): relu(shortcut(x) + bn(conv(relu(bn(conv(x))))))."""
+    """Post-activation basic block (He et al. 2016a): relu(shortcut(x) + bn(conv(relu(bn(conv(x)))))).
 
-    def __init__(self, cin: int, cout: int, stride: int = 1, survival_prob: float = 1.0) -> None:
+    ``conv_bias`` and ``pool="avg"`` give Huang et al.'s ``ResidualDrop`` block (their convolutions
+    carry a bias; their downsampling shortcut averages 2x2 windows).
+    """
+
+    def __init__(
+        self, cin: int, cout: int, stride: int = 1, survival_prob: float = 1.0,
+        pool: str = "subsample", conv_bias: bool = False,
+    ) -> None:
         super().__init__(survival_prob)
         self.branch = nn.Sequential(
-            conv3x3(cin, cout, stride), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
-            conv3x3(cout, cout), nn.BatchNorm2d(cout),
+            conv3x3(cin, cout, stride, conv_bias), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
+            conv3x3(cout, cout, 1, conv_bias), nn.BatchNorm2d(cout),
         )
         self.downsampling = stride > 1 or cin != cout
-        self.shortcut = OptionAShortcut(cin, cout, stride) if self.downsampling else nn.Identity()
+        self.shortcut = OptionAShortcut(cin, cout, stride, pool) if self.downsampling else nn.Identity()
         self.post = nn.ReLU()
 
 
 class PreActBasicBlock(Block):
-    """Pre-activation basic block (He et al. 2016b): x + conv(relu(bn(conv(relu(bn(x))))))."""
+    """Pre-activation basic block (He et al. 2016b): x + conv(relu(bn(conv(relu(bn(x)))))).
+
+    Every block's branch starts with BN-ReLU, the first block's too, and the shortcut takes the
+    block's input as it is (fb.resnet.torch ``preresnet``, as in the authors' lesion study)."""
 
     def __init__(self, cin: int, cout: int, stride: int = 1, survival_prob: float = 1.0) -> None:
         super().__init__(survival_prob)
@@ -115,8 +139,9 @@ class PreActBottleneck(Block):
     """Pre-activation bottleneck (fb.resnet.torch ``preresnet``) with a projection shortcut.
 
     Where the shape changes, the BN-ReLU pre-activation is shared by the branch and the 1x1
-    projection (conv + BN); ``branch(x)`` and ``shortcut(x)`` each apply it, ``forward`` once.
-    ``preact=False`` drops it for the first block, which follows the stem's BN-ReLU.
+    projection convolution (fb.resnet.torch's ``both_preact``; its projection has no BatchNorm);
+    ``branch(x)`` and ``shortcut(x)`` each apply it, ``forward`` once. ``preact=False`` drops it
+    for the first block, which follows the stem's BN-ReLU (``no_preact``).
     """
 
     expansion = 4
@@ -133,9 +158,7 @@ class PreActBottleneck(Block):
             conv1x1(width, cout),
         )
         self.downsampling = stride > 1 or cin != cout
-        self.projection = (
-            nn.Sequential(conv1x1(cin, cout, stride), nn.BatchNorm2d(cout)) if self.downsampling else None
-        )
+        self.projection = conv1x1(cin, cout, stride) if self.downsampling else None
         self.post = nn.Identity()
 
     def branch(self, x: Tensor) -> Tensor:

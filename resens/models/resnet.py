@@ -16,6 +16,7 @@ from resens.models.blocks import (
     bn_relu,
     conv3x3,
 )
+from resens.models.registry import register_model
 
 
 def survival_probs(num_blocks: int, p_last: float | None) -> list[float]:
@@ -35,8 +36,13 @@ class ResidualNet(nn.Module):
     ranks drop the same blocks at each step. Its state travels in ``state_dict`` extras.
     """
 
-    def __init__(self, stem: nn.Module, blocks: Sequence[Block], head: nn.Module, gate_seed: int = 0):
+    def __init__(
+        self, stem: nn.Module, blocks: Sequence[Block], head: nn.Module, gate_seed: int = 0,
+        protocol: str = "cifar",
+    ):
         super().__init__()
+        # which lesion protocol (resens.analysis.protocol.PROTOCOLS) fits this family
+        self.protocol = protocol
         self.stem = stem
         self.blocks = nn.ModuleList(blocks)
         self.head = head
@@ -93,40 +99,53 @@ def _stages(block_cls, widths: Sequence[int], counts: Sequence[int], cin: int, p
     return blocks, cin
 
 
+@register_model
 def cifar_resnet(
     depth: int = 110,
     num_classes: int = 10,
     preact: bool = False,
     stochastic_depth: float | None = None,
+    shortcut_pool: str = "subsample",
+    conv_bias: bool = False,
     in_channels: int = 3,
     width: int = 16,
     gate_seed: int = 0,
 ) -> ResidualNet:
     """CIFAR ResNet of depth 6n+2: 3 stages of n basic blocks, ``width``×(1, 2, 4) channels,
-    option-A shortcuts. ``preact=False`` is He et al. 2016a (post-activation), ``True`` 2016b."""
+    option-A shortcuts, stem conv3x3-BN-ReLU.
+
+    - ``preact=False``: He et al. 2016a (post-activation), head avgpool-linear.
+    - ``preact=True``: fb.resnet.torch ``preresnet`` as the authors trained it (He et al. 2016b):
+      every block's branch starts with BN-ReLU, head BN-ReLU-avgpool-linear.
+    - ``shortcut_pool="avg"``, ``conv_bias=True`` (post-activation only): Huang et al.'s
+      stochastic-depth network (``ResidualDrop``: 2x2 average pooling in the downsampling
+      shortcut, convolutions with a bias).
+    """
     if (depth - 2) % 6 or depth < 8:
         raise ValueError(f"CIFAR ResNet depth must be 6n+2 (20, 32, 44, 56, 110, ...), got {depth}")
     n = (depth - 2) // 6
     widths = (width, 2 * width, 4 * width)
+    stem = nn.Sequential(conv3x3(in_channels, width, 1, conv_bias), *bn_relu(width))
     if preact:
-        stem = conv3x3(in_channels, width)
+        if conv_bias or shortcut_pool != "subsample":
+            raise ValueError("conv_bias and shortcut_pool='avg' describe Huang et al.'s post-activation network, not preact")
         blocks, cout = _stages(PreActBasicBlock, widths, (n, n, n), width, stochastic_depth)
     else:
-        stem = nn.Sequential(conv3x3(in_channels, width), *bn_relu(width))
-        blocks, cout = _stages(BasicBlock, widths, (n, n, n), width, stochastic_depth)
-    return ResidualNet(stem, blocks, _classifier(cout, num_classes, preact), gate_seed)
+        blocks, cout = _stages(
+            BasicBlock, widths, (n, n, n), width, stochastic_depth, pool=shortcut_pool, conv_bias=conv_bias
+        )
+    return ResidualNet(stem, blocks, _classifier(cout, num_classes, preact), gate_seed, "cifar")
 
 
-def cifar_plain(
-    depth: int = 110, num_classes: int = 10, in_channels: int = 3, width: int = 16, **_
-) -> ResidualNet:
+@register_model
+def cifar_plain(depth: int = 110, num_classes: int = 10, in_channels: int = 3, width: int = 16) -> ResidualNet:
     """The VGG-style comparison: the CIFAR ResNet's stages and layers with no shortcuts."""
     if (depth - 2) % 6 or depth < 8:
         raise ValueError(f"plain network depth must be 6n+2, got {depth}")
     n = (depth - 2) // 6
     stem = nn.Sequential(conv3x3(in_channels, width), *bn_relu(width))
     blocks, cout = _stages(PlainBlock, (width, 2 * width, 4 * width), (n, n, n), width, None)
-    return ResidualNet(stem, blocks, _classifier(cout, num_classes, False))
+    return ResidualNet(stem, blocks, _classifier(cout, num_classes, False), protocol="cifar")
 
 
 IMAGENET_LAYERS = {
@@ -138,6 +157,7 @@ IMAGENET_LAYERS = {
 }
 
 
+@register_model
 def imagenet_resnet(
     depth: int = 200,
     num_classes: int = 1000,
@@ -164,7 +184,7 @@ def imagenet_resnet(
     widths = [width * 2**i for i in range(len(layers))]
     blocks, cout = _stages(PreActBottleneck, widths, layers, width, stochastic_depth)
     blocks[0].preact = nn.Identity()  # follows the stem's BN-ReLU
-    return ResidualNet(stem, blocks, _classifier(cout, num_classes, True), gate_seed)
+    return ResidualNet(stem, blocks, _classifier(cout, num_classes, True), gate_seed, "imagenet")
 
 
 def stage_of_blocks(model: ResidualNet) -> list[int]:
