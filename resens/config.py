@@ -20,6 +20,7 @@ ANALYSES = (
     "single_deletion",
     "multi_deletion",
     "reorder",
+    "duplication",
     "path_lengths",
     "path_gradient",
     "effective_paths",
@@ -121,6 +122,21 @@ class ReorderConfig:
 
 
 @dataclass
+class DuplicationConfig:
+    k_max: int = 10
+    trials: int = 50  # random block sets per k
+
+
+@dataclass
+class ProtocolConfig:
+    """Which blocks the random lesions (multi-deletion, reordering, duplication) may touch.
+    None keeps the model family's rule, which is the authors' (resens.analysis.protocol)."""
+
+    exclude: list[int] | None = None  # blocks (0-based) never touched; [] touches every block
+    reorder_stages: list[int] | None = None  # stages (0-based) whose blocks may trade places
+
+
+@dataclass
 class PathGradientConfig:
     samples_per_length: int = 1000
     batch_size: int = 128
@@ -136,6 +152,8 @@ class AnalysisConfig:
     max_batches: int | None = None  # limit on test batches per evaluation; None: the whole set
     multi_deletion: MultiDeletionConfig = field(default_factory=MultiDeletionConfig)
     reorder: ReorderConfig = field(default_factory=ReorderConfig)
+    duplication: DuplicationConfig = field(default_factory=DuplicationConfig)
+    protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
     path_gradient: PathGradientConfig = field(default_factory=PathGradientConfig)
     effective_share: float = 0.9  # share of the total gradient the effective range must hold
     compare_with: str | None = None  # analysis.json of a run to compare deletion resilience with
