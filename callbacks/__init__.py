@@ -20,7 +20,7 @@ def build_analysis_callbacks(cfg: DictConfig) -> list[AnalysisCallback]:
     from resens.config import ANALYSES
 
     wanted = set(cfg.analysis.run)
-    return [REGISTRY[name](cfg.analysis) for name in ANALYSES if name in wanted]
+    return [REGISTRY[name](cfg.analysis) for name in ANALYSES if name in wanted and name in REGISTRY]
 
 
 __all__ = [
