@@ -160,3 +160,21 @@ def test_training_forward_uses_the_drawn_gates():
         for i, g in enumerate(twin.draw_gates()):
             expected[i] += g
     assert counts == expected
+
+
+@pytest.mark.parametrize("kwargs,fan", [
+    (dict(preact=True), "out"),  # fb.resnet.torch ConvInit: N(0, 2 / (k k out))
+    (dict(shortcut_pool="avg", conv_bias=True), "in"),  # Huang et al.: nninit.kaiming, N(0, 2 / (k k in))
+])
+def test_initialisation_is_the_authors(kwargs, fan):
+    torch.manual_seed(0)
+    model = cifar_resnet(110, **kwargs)
+    conv = model.blocks[40].branch[-1] if kwargs.get("preact") else model.blocks[40].branch[0]
+    k, cout, cin = conv.kernel_size[0], conv.out_channels, conv.in_channels
+    expected = (2 / (k * k * (cout if fan == "out" else cin))) ** 0.5
+    assert conv.weight.std().item() == pytest.approx(expected, rel=0.05)
+    assert all(bool((m.weight == 1).all() and (m.bias == 0).all()) for m in model.modules() if isinstance(m, nn.BatchNorm2d))
+    if kwargs.get("conv_bias"):
+        assert all(bool((m.bias == 0).all()) for m in model.modules() if isinstance(m, nn.Conv2d))
+    else:
+        assert bool((model.head[-1].bias == 0).all())

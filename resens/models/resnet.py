@@ -81,6 +81,25 @@ class ResidualNet(nn.Module):
             self.gate_generator.set_state(state["gate_generator"])
 
 
+def init_weights(model: nn.Module, conv_fan: str = "fan_out") -> nn.Module:
+    """The authors' initialisation. fb.resnet.torch (``ConvInit``, ``BNInit``): convolutions
+    N(0, 2 / (k·k·out channels)), BatchNorm γ = 1 and β = 0, linear bias 0. Huang et al.
+    (``nninit.kaiming``): ``conv_fan="fan_in"``, N(0, 2 / (k·k·in channels)), conv bias 0, and
+    Torch's default linear layer. The linear weight's default (uniform ±1/√fan_in) is the same in
+    Torch and PyTorch."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode=conv_fan, nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear) and conv_fan == "fan_out" and m.bias is not None:
+            nn.init.zeros_(m.bias)
+    return model
+
+
 def _classifier(channels: int, num_classes: int, preact: bool) -> nn.Sequential:
     layers: list[nn.Module] = [*bn_relu(channels)] if preact else []
     return nn.Sequential(
@@ -134,7 +153,8 @@ def cifar_resnet(
         blocks, cout = _stages(
             BasicBlock, widths, (n, n, n), width, stochastic_depth, pool=shortcut_pool, conv_bias=conv_bias
         )
-    return ResidualNet(stem, blocks, _classifier(cout, num_classes, preact), gate_seed, "cifar")
+    net = ResidualNet(stem, blocks, _classifier(cout, num_classes, preact), gate_seed, "cifar")
+    return init_weights(net, "fan_in" if conv_bias else "fan_out")
 
 
 @register_model
@@ -145,7 +165,7 @@ def cifar_plain(depth: int = 110, num_classes: int = 10, in_channels: int = 3, w
     n = (depth - 2) // 6
     stem = nn.Sequential(conv3x3(in_channels, width), *bn_relu(width))
     blocks, cout = _stages(PlainBlock, (width, 2 * width, 4 * width), (n, n, n), width, None)
-    return ResidualNet(stem, blocks, _classifier(cout, num_classes, False), protocol="cifar")
+    return init_weights(ResidualNet(stem, blocks, _classifier(cout, num_classes, False), protocol="cifar"))
 
 
 IMAGENET_LAYERS = {
@@ -184,7 +204,7 @@ def imagenet_resnet(
     widths = [width * 2**i for i in range(len(layers))]
     blocks, cout = _stages(PreActBottleneck, widths, layers, width, stochastic_depth)
     blocks[0].preact = nn.Identity()  # follows the stem's BN-ReLU
-    return ResidualNet(stem, blocks, _classifier(cout, num_classes, True), gate_seed, "imagenet")
+    return init_weights(ResidualNet(stem, blocks, _classifier(cout, num_classes, True), gate_seed, "imagenet"))
 
 
 def stage_of_blocks(model: ResidualNet) -> list[int]:
