@@ -14,6 +14,7 @@ from resens.errors import ResensError
 from resens.models import ResidualNet, model_arguments
 from resens.models import build_model as registry_build
 
+
 class NonFiniteLossError(ResensError):
     """The training loss became NaN or infinite."""
 
