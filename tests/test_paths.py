@@ -14,6 +14,7 @@ from torch import nn
 from torch.autograd.functional import jacobian
 
 import resens.analysis.paths as P
+from resens.analysis.paths import engine
 from resens.models import Block, ResidualNet, cifar_plain, cifar_resnet, imagenet_resnet
 
 
@@ -137,7 +138,7 @@ def test_fast_equals_naive(name, chunk_size):
 @pytest.mark.parametrize("name", ["postact", "bottleneck", "fallback"])
 def test_batched_rows_mode_equals_naive(monkeypatch, name):
     """The GPU strategy (gather rows, one VJP call per block) gives the same numbers."""
-    monkeypatch.setattr(P, "_batched_rows", lambda device: True)
+    monkeypatch.setattr(engine, "_batched_rows", lambda device: True)
     model, x, y = make(name, seed=2)
     paths = some_paths(len(model.blocks), 20, seed=2)
     fast = P.path_gradient_norms(model, x, y, paths, chunk_size=7)
@@ -331,20 +332,19 @@ def test_gradient_by_length_protocol():
     n = len(model.blocks)
     batches = [(x, y), (x[:2] * 0.5, y[:2]), (x.flip(0), y.flip(0))]
     seen = []
-    out = P.path_gradient_by_length(
-        model, iter(batches), [0, 1, 3], 5, torch.Generator().manual_seed(0), progress=seen.append
-    )
-    again = P.path_gradient_by_length(model, batches, [0, 1, 3], 5, torch.Generator().manual_seed(0))
+    out = P.path_gradient_by_length(model, iter(batches), [0, 1, 3], 5, seed=0, progress=seen.append)
+    again = P.path_gradient_by_length(model, batches, [0, 1, 3], 5, seed=0)
     assert torch.equal(out.norms, again.norms)
     assert out.lengths == [0, 1, 3] and out.norms.shape == (3, 5) and sum(seen) == 15
     assert torch.equal(out.count, torch.tensor([5, 5, 5]))
     torch.testing.assert_close(out.mean, out.norms.mean(1))
     torch.testing.assert_close(out.std, out.norms.std(1))
     assert torch.isnan(out.mean_by_length()[2]) and out.mean_by_length()[3] == out.mean[2]
-    # Replay the draws: batch j serves samples [2, 2, 1] of each length in turn.
-    g = torch.Generator().manual_seed(0)
+    assert out.fallbacks == {}
+    # Replay the draws: batch j serves samples [2, 2, 1] of each length, drawn with seed 1000 + j.
     done = 0
-    for (xb, yb), share in zip(batches, [2, 2, 1], strict=True):
+    for j, ((xb, yb), share) in enumerate(zip(batches, [2, 2, 1], strict=True)):
+        g = torch.Generator().manual_seed(1000 + j)
         paths = torch.cat([P.sample_paths(n, k, share, g) for k in [0, 1, 3]])
         naive = P.path_gradient_norms_naive(model, xb, yb, paths).view(3, share)
         torch.testing.assert_close(out.norms[:, done : done + share], naive, rtol=1e-9, atol=0)
@@ -355,7 +355,7 @@ def test_gradient_by_length_protocol():
 @pytest.mark.parametrize("name", ["postact", "bottleneck", "fallback"])
 def test_cpu_slabs_equal_naive(monkeypatch, name, slab):
     """VJPs run on part of a row's batch (down to one sample) or on several rows at once."""
-    monkeypatch.setattr(P._Workspace, "CPU_SLAB", slab)
+    monkeypatch.setattr(engine._Workspace, "CPU_SLAB", slab)
     model, x, y = make(name, seed=7)
     paths = some_paths(len(model.blocks), 12, seed=7)
     fast = P.path_gradient_norms(model, x, y, paths, chunk_size=5)
