@@ -141,7 +141,7 @@ class PathGradientConfig:
     samples_per_length: int = 1000
     batch_size: int = 128
     batches: int = 10  # distinct random training batches the samples are spread over
-    lengths: list[int] | None = None  # None: every length 1..n
+    lengths: list[int] | None = None  # None: every length 0..n
 
 
 @dataclass

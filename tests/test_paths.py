@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import itertools
 import math
+import warnings
+from collections import Counter
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -14,7 +16,9 @@ from torch import nn
 from torch.autograd.functional import jacobian
 
 import resens.analysis.paths as P
+from resens.analysis.paths import engine, vjp
 from resens.models import Block, ResidualNet, cifar_plain, cifar_resnet, imagenet_resnet
+from resens.models.blocks import OptionAShortcut
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -65,6 +69,7 @@ MODELS = {
     "bottleneck": (lambda: imagenet_resnet(layers=(1, 2, 1, 1), width=4, num_classes=10), (2, 3, 16, 16)),
     "stochastic": (lambda: cifar_resnet(8, width=4, stochastic_depth=0.5), (3, 3, 8, 8)),
     "stochastic_preact": (lambda: cifar_resnet(8, preact=True, width=4, stochastic_depth=0.5), (3, 3, 8, 8)),
+    "huang": (lambda: cifar_resnet(8, width=4, shortcut_pool="avg", conv_bias=True, stochastic_depth=0.5), (3, 3, 8, 8)),
     "fallback": (odd_net, (3, 3, 8, 8)),
 }
 
@@ -137,7 +142,7 @@ def test_fast_equals_naive(name, chunk_size):
 @pytest.mark.parametrize("name", ["postact", "bottleneck", "fallback"])
 def test_batched_rows_mode_equals_naive(monkeypatch, name):
     """The GPU strategy (gather rows, one VJP call per block) gives the same numbers."""
-    monkeypatch.setattr(P, "_batched_rows", lambda device: True)
+    monkeypatch.setattr(engine, "_batched_rows", lambda device: True)
     model, x, y = make(name, seed=2)
     paths = some_paths(len(model.blocks), 20, seed=2)
     fast = P.path_gradient_norms(model, x, y, paths, chunk_size=7)
@@ -331,20 +336,19 @@ def test_gradient_by_length_protocol():
     n = len(model.blocks)
     batches = [(x, y), (x[:2] * 0.5, y[:2]), (x.flip(0), y.flip(0))]
     seen = []
-    out = P.path_gradient_by_length(
-        model, iter(batches), [0, 1, 3], 5, torch.Generator().manual_seed(0), progress=seen.append
-    )
-    again = P.path_gradient_by_length(model, batches, [0, 1, 3], 5, torch.Generator().manual_seed(0))
+    out = P.path_gradient_by_length(model, iter(batches), [0, 1, 3], 5, seed=0, progress=seen.append)
+    again = P.path_gradient_by_length(model, batches, [0, 1, 3], 5, seed=0)
     assert torch.equal(out.norms, again.norms)
     assert out.lengths == [0, 1, 3] and out.norms.shape == (3, 5) and sum(seen) == 15
     assert torch.equal(out.count, torch.tensor([5, 5, 5]))
     torch.testing.assert_close(out.mean, out.norms.mean(1))
     torch.testing.assert_close(out.std, out.norms.std(1))
     assert torch.isnan(out.mean_by_length()[2]) and out.mean_by_length()[3] == out.mean[2]
-    # Replay the draws: batch j serves samples [2, 2, 1] of each length in turn.
-    g = torch.Generator().manual_seed(0)
+    assert out.fallbacks == {}
+    # Replay the draws: batch j serves samples [2, 2, 1] of each length, drawn with seed 1000 + j.
     done = 0
-    for (xb, yb), share in zip(batches, [2, 2, 1], strict=True):
+    for j, ((xb, yb), share) in enumerate(zip(batches, [2, 2, 1], strict=True)):
+        g = torch.Generator().manual_seed(1000 + j)
         paths = torch.cat([P.sample_paths(n, k, share, g) for k in [0, 1, 3]])
         naive = P.path_gradient_norms_naive(model, xb, yb, paths).view(3, share)
         torch.testing.assert_close(out.norms[:, done : done + share], naive, rtol=1e-9, atol=0)
@@ -355,8 +359,140 @@ def test_gradient_by_length_protocol():
 @pytest.mark.parametrize("name", ["postact", "bottleneck", "fallback"])
 def test_cpu_slabs_equal_naive(monkeypatch, name, slab):
     """VJPs run on part of a row's batch (down to one sample) or on several rows at once."""
-    monkeypatch.setattr(P._Workspace, "CPU_SLAB", slab)
+    monkeypatch.setattr(engine._Workspace, "CPU_SLAB", slab)
     model, x, y = make(name, seed=7)
     paths = some_paths(len(model.blocks), 12, seed=7)
     fast = P.path_gradient_norms(model, x, y, paths, chunk_size=5)
     torch.testing.assert_close(fast, P.path_gradient_norms_naive(model, x, y, paths), rtol=1e-9, atol=0)
+
+
+def no_fallback_warnings(fn: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """fn(), failing on any warning (the fallback warning among them)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        return fn()
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: cifar_resnet(20, width=4),
+        lambda: cifar_resnet(20, preact=True, width=4),
+        lambda: cifar_resnet(20, width=4, shortcut_pool="avg", conv_bias=True),
+        lambda: cifar_resnet(20, width=4, shortcut_pool="avg", conv_bias=True, stochastic_depth=0.5),
+    ],
+    ids=["standard", "preact", "huang", "huang_stochastic"],
+)
+def test_cifar_models_take_the_fast_path(build, monkeypatch):
+    """Every layer of the CIFAR networks (Huang et al.'s average-pooled option-A shortcuts and
+    biased convolutions included) has a fast VJP: no fallback, and the naive result."""
+    torch.manual_seed(10)
+    model = randomize(build().double(), 10).eval()
+    x, y = torch.randn(3, 3, 8, 8, dtype=torch.float64), torch.tensor([1, 4, 7])
+    paths = some_paths(len(model.blocks), 14, seed=10)
+    counts: dict[str, int] = {}
+    fast = no_fallback_warnings(lambda: P.path_gradient_norms(model, x, y, paths, chunk_size=6, fallbacks=counts))
+    assert counts == {}
+    torch.testing.assert_close(fast, P.path_gradient_norms_naive(model, x, y, paths), rtol=1e-9, atol=0)
+
+
+@pytest.mark.parametrize("pool", ["subsample", "avg"])
+@pytest.mark.parametrize("stride", [1, 2, 3])
+def test_option_a_vjp_equals_autograd(pool, stride):
+    """Odd sizes: subsampling keeps the ceil, average pooling the floor of H/s (the rest gets 0).
+    Written into a reused channels-last buffer full of NaN, as the engine does."""
+    shortcut = OptionAShortcut(3, 5, stride, pool)
+    x = torch.randn(2, 3, 7, 8, dtype=torch.float64)
+    tape = vjp._Tape(shortcut, channels_last=True)
+    out, op = vjp._linearize(tape, shortcut, x)
+    tape.close()
+    assert isinstance(op, vjp._OptionAT)
+    u = torch.randn(4, *out.shape, dtype=torch.float64)
+    xr = x.clone().requires_grad_()
+    expected = torch.stack([torch.autograd.grad(shortcut(xr), xr, v)[0] for v in u])
+    torch.testing.assert_close(op(u), expected, rtol=1e-12, atol=0)
+    ws = engine._Workspace(4, x.numel(), x)
+    ws.cur.fill_(float("nan"))
+    into = ws.view(ws.cur, 4, x.shape)
+    op.into(u, into)
+    torch.testing.assert_close(into, expected, rtol=1e-12, atol=0)
+
+
+def test_sync_batchnorm_takes_the_fast_path():
+    """A model converted for DDP (trainer.sync_batchnorm) is, in eval mode, the same model."""
+    torch.manual_seed(11)
+    model = randomize(cifar_resnet(14, width=4).double(), 11)
+    model = nn.SyncBatchNorm.convert_sync_batchnorm(model).eval()
+    assert any(isinstance(m, nn.SyncBatchNorm) for m in model.modules())
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    x, y = torch.randn(3, 3, 8, 8, dtype=torch.float64), torch.tensor([0, 5, 9])
+    paths = some_paths(len(model.blocks), 12, seed=11)
+    counts: dict[str, int] = {}
+    fast = no_fallback_warnings(lambda: P.path_gradient_norms(model, x, y, paths, chunk_size=5, fallbacks=counts))
+    assert counts == {}
+    torch.testing.assert_close(fast, P.path_gradient_norms_naive(model, x, y, paths), rtol=1e-9, atol=0)
+
+
+class RenamedConv(nn.Conv2d):
+    """A subclass that keeps Conv2d's forward: read like a Conv2d."""
+
+
+class DoubledConv(nn.Conv2d):
+    """A subclass with its own forward: must not be read as a Conv2d."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 2 * super().forward(x)
+
+
+def retrofit(conv: nn.Conv2d, cls: type[nn.Conv2d]) -> nn.Conv2d:
+    new = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+              bias=False, dtype=conv.weight.dtype)
+    new.load_state_dict(conv.state_dict())
+    return new
+
+
+def test_fallbacks_warned_counted_and_exact():
+    model, x, y = make("postact", seed=12)
+    model.blocks[1].branch[2] = nn.GELU()
+    model.blocks[2].branch[0] = retrofit(model.blocks[2].branch[0], DoubledConv)
+    model.blocks[3].branch[3] = retrofit(model.blocks[3].branch[3], RenamedConv)
+    model.blocks[4].post = nn.GELU()
+    paths = some_paths(len(model.blocks), 12, seed=12)
+    counts = {"GELU": 1}  # counts add up across calls
+    with pytest.warns(UserWarning) as caught:
+        fast = P.path_gradient_norms(model, x, y, paths, chunk_size=5, fallbacks=counts)
+    messages = sorted(str(w.message) for w in caught)
+    assert messages == [
+        "path gradients: no fast VJP for DoubledConv in blocks.2.branch; using autograd (slower)",
+        "path gradients: no fast VJP for GELU in blocks.1.branch, blocks.4.post; using autograd (slower)",
+    ]
+    assert counts == {"GELU": 3, "DoubledConv": 1}
+    torch.testing.assert_close(fast, P.path_gradient_norms_naive(model, x, y, paths), rtol=1e-9, atol=0)
+
+
+def test_fallbacks_name_a_broken_chain():
+    """OddBlock: Hardtanh and Softplus layers, and a lambda shortcut (no layer at all)."""
+    model, x, y = make("fallback")
+    counts: dict[str, int] = {}
+    with pytest.warns(UserWarning, match="no fast VJP for <lambda> in blocks.1.shortcut;"):
+        P.path_input_gradients(model, x, y, some_paths(3, 2), fallbacks=counts)
+    assert counts == {"Hardtanh": 3, "Softplus": 3, "<lambda>": 1}
+
+
+def test_gradient_by_length_shards_sum_to_one_process():
+    """Ranks measure disjoint batches; their sum is the one-process result, bit for bit."""
+    model, x, y = make("fallback", seed=13)
+    batches = [(x, y), (x[:2], y[:2]), (x.flip(0), y.flip(0))]
+    whole = P.path_gradient_by_length(model, batches, [0, 2, 3], 7, seed=3)
+    assert whole.fallbacks == {"Hardtanh": 9, "Softplus": 9, "<lambda>": 3}
+    for world in (2, 3):
+        shards = [P.path_gradient_by_length(model, batches, [0, 2, 3], 7, seed=3, rank=r, world=world)
+                  for r in range(world)]
+        measured = torch.stack([s.norms != 0 for s in shards])
+        assert torch.equal(measured.sum(0), torch.ones_like(whole.norms, dtype=torch.long))
+        assert torch.equal(sum(s.norms for s in shards), whole.norms)
+        assert sum((Counter(s.fallbacks) for s in shards), Counter()) == whole.fallbacks
+    other = P.path_gradient_by_length(model, batches, [0, 2, 3], 7, seed=4)
+    assert not torch.equal(other.norms, whole.norms)
+    with pytest.raises(ValueError, match="rank"):
+        P.path_gradient_by_length(model, batches, [0], 2, seed=0, rank=2, world=2)
