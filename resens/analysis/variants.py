@@ -81,7 +81,9 @@ def _check_variants(variants: Sequence[Variant], n: int) -> None:
 
 
 def _is_oom(err: RuntimeError) -> bool:
-    return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()
+    """CUDA raises ``torch.OutOfMemoryError``; other allocators a RuntimeError that says so."""
+    text = str(err).lower()
+    return isinstance(err, torch.OutOfMemoryError) or "out of memory" in text or "not enough memory" in text
 
 
 def _run(what: str, fn: Callable[..., Tensor], *args) -> Tensor:
