@@ -15,3 +15,7 @@ class DataError(ResensError):
 
 class CheckpointError(ResensError):
     """A missing, truncated, foreign or unsafe checkpoint."""
+
+
+class AnalysisOutOfMemory(ResensError):
+    """The device ran out of memory while evaluating lesion variants."""

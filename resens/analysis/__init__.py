@@ -1,4 +1,5 @@
-"""The paper's analyses, in pure torch: the variant engine (deletion, reordering) and paths."""
+"""The paper's analyses, in pure torch: lesion protocols, the variant engine (deletion,
+reordering, duplication) and paths."""
 
 from resens.analysis.paths import (
     PathGradientsByLength,
@@ -14,22 +15,27 @@ from resens.analysis.paths import (
     sample_paths,
     share_of_paths,
 )
+from resens.analysis.protocol import PROTOCOLS, LesionProtocol, Rules, resolve_protocol
 from resens.analysis.variants import (
+    apply_swaps,
     count_variant_errors,
-    deletable_blocks,
     deletion_variant,
+    duplication_variant,
     evaluate_variants,
     evaluate_variants_naive,
     kendall_tau,
     sample_deletions,
+    sample_duplications,
     sample_swaps,
-    swappable_groups,
+    total_displacement,
 )
 
 __all__ = [
-    "PathGradientsByLength", "count_variant_errors", "deletable_blocks", "deletion_variant",
-    "effective_path_survival", "effective_paths", "evaluate_variants", "evaluate_variants_naive",
-    "kendall_tau", "path_gradient_by_length", "path_gradient_norms", "path_gradient_norms_naive",
+    "PROTOCOLS", "LesionProtocol", "PathGradientsByLength", "Rules", "apply_swaps",
+    "count_variant_errors", "deletion_variant", "duplication_variant", "effective_path_survival",
+    "effective_paths", "evaluate_variants", "evaluate_variants_naive", "kendall_tau",
+    "path_gradient_by_length", "path_gradient_norms", "path_gradient_norms_naive",
     "path_input_gradients", "path_length_distribution", "path_survival", "path_survival_by_length",
-    "sample_deletions", "sample_paths", "sample_swaps", "share_of_paths", "swappable_groups",
+    "resolve_protocol", "sample_deletions", "sample_duplications", "sample_paths", "sample_swaps",
+    "share_of_paths", "total_displacement",
 ]
