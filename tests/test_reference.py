@@ -144,3 +144,26 @@ def test_every_shipped_file_is_package_data():
     shipped = [p.name for p in (root / "resens" / "reference").iterdir() if p.name not in ("__init__.py", "__pycache__")]
     assert "cifar10_resnet110_reorder.csv.gz" in shipped
     assert all(any(fnmatch(name, pat) for pat in patterns) for name in shipped)
+
+
+@pytest.mark.parametrize("name,model,data,expected", [
+    ("cifar10_resnet110", {"arch": "cifar_resnet", "depth": 110, "preact": True}, "cifar10", None),
+    ("cifar10_resnet110", {"arch": "cifar_resnet", "depth": 110}, "cifar10", "model.preact=False"),
+    ("cifar10_resnet110", {"arch": "cifar_resnet", "depth": 56, "preact": True}, "cifar10", "model.depth=56"),
+    ("cifar10_resnet110", {"arch": "cifar_resnet", "depth": 110, "preact": True}, "digits", "digits"),
+    ("cifar10_resnet110", {"arch": "cifar_plain", "depth": 110}, "cifar10", "cifar_plain"),
+    ("cifar10_resnet110_sd", {"arch": "cifar_resnet", "depth": 110, "stochastic_depth": 0.5,
+                              "shortcut_pool": "avg", "conv_bias": True}, "cifar10", None),
+    ("cifar10_resnet110_sd", {"arch": "cifar_resnet", "depth": 110, "stochastic_depth": 0.5}, "cifar10",
+     "shortcut_pool"),
+    ("imagenet_resnet200", {"arch": "imagenet_resnet", "depth": 200}, "imagenet", None),
+    ("imagenet_resnet200", {"arch": "imagenet_resnet", "depth": 200, "stochastic_depth": 0.5}, "imagenet",
+     "stochastic_depth"),
+    ("imagenet_resnet200", {"arch": "imagenet_resnet", "layers": [3, 4, 6, 3]}, "imagenet", "stages"),
+])
+def test_a_reference_is_only_for_the_network_the_authors_measured(name, model, data, expected):
+    got = R.model_mismatch(name, model, data)
+    if expected is None:
+        assert got is None
+    else:
+        assert got is not None and expected in got

@@ -12,15 +12,18 @@ from __future__ import annotations
 
 import csv
 import gzip
+import inspect
 import io
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
 
 from resens.analysis.protocol import LesionProtocol
 from resens.errors import ConfigError
+from resens.models import MODELS
+from resens.models.resnet import IMAGENET_LAYERS
 
 NAMES = ("cifar10_resnet110", "cifar10_resnet110_sd", "imagenet_resnet200")
 ANALYSES = ("single_deletion", "multi_deletion", "reorder", "duplication")
@@ -43,21 +46,32 @@ class _Design:
     never_duplicated: frozenset[int]
     analyses: tuple[str, ...]
     files: str  # file name prefix
+    label: str  # what the authors measured, for figure legends
+    data: str  # the data set (``data.name``)
+    model: tuple[tuple[str, object], ...]  # the network as ``model.*`` config values
 
 
 _CIFAR_FIRSTS = frozenset({0, 18, 36})
 _IMAGENET_FIRSTS = frozenset({0, 3, 27, 63})
+_CIFAR = (("arch", "cifar_resnet"), ("depth", 110), ("width", 16))
 _DESIGNS = {
     "cifar10_resnet110": _Design(
         "cifar", 54, _CIFAR_FIRSTS, ((1, 17), (19, 35), (37, 53)), _CIFAR_FIRSTS, ANALYSES,
-        "cifar10_resnet110",
+        "cifar10_resnet110", "pre-act ResNet-110, CIFAR-10", "cifar10",
+        (*_CIFAR, ("preact", True), ("stochastic_depth", None), ("shortcut_pool", "subsample"),
+         ("conv_bias", False)),
     ),
     "cifar10_resnet110_sd": _Design(
         "cifar", 54, _CIFAR_FIRSTS, (), _CIFAR_FIRSTS, ("single_deletion",), "cifar10_resnet110_sd",
+        "stochastic-depth ResNet-110 (Huang et al.), CIFAR-10", "cifar10",
+        (*_CIFAR, ("preact", False), ("stochastic_depth", 0.5), ("shortcut_pool", "avg"),
+         ("conv_bias", True)),
     ),
     "imagenet_resnet200": _Design(
         "imagenet", 66, _IMAGENET_FIRSTS, ((4, 26), (28, 62)), _IMAGENET_FIRSTS, ANALYSES,
-        "imagenet_resnet200",
+        "imagenet_resnet200", "pre-act ResNet-200, ImageNet", "imagenet",
+        (("arch", "imagenet_resnet"), ("depth", 200), ("width", 64), ("layers", None),
+         ("stochastic_depth", None)),
     ),
 }
 
@@ -77,6 +91,35 @@ def _design(name: str, analysis: str | None = None) -> _Design:
     if analysis is not None and analysis not in design.analyses:
         raise ConfigError(f"analysis.reference: the authors ran no {analysis} on {name}")
     return design
+
+
+def label(name: str) -> str:
+    """What the authors measured, e.g. "pre-act ResNet-110, CIFAR-10"."""
+    return _design(name).label
+
+
+def model_mismatch(name: str, model: Mapping[str, object], data: str) -> str | None:
+    """None when a run's network (its ``model.*`` config, unset keys taking the builder's
+    defaults) and data set are the ones the authors measured for ``name``, else how they differ."""
+    design = _design(name)
+    if data != design.data:
+        return f"the run uses {data}, the authors' data is {design.data}"
+    arch = model.get("arch")
+    wanted = dict(design.model)
+    if arch != wanted["arch"]:
+        return f"the run's network is {arch}, the authors' is {wanted['arch']}"
+    defaults = {
+        k: p.default for k, p in inspect.signature(MODELS[arch]).parameters.items()
+        if p.default is not inspect.Parameter.empty
+    }
+    for key, value in wanted.items():
+        got = model.get(key)
+        got = defaults.get(key) if got is None else got
+        if key == "layers" and got is not None and list(got) != list(IMAGENET_LAYERS[wanted["depth"]]):
+            return f"the run's stages {list(got)} are not the authors' {list(IMAGENET_LAYERS[wanted['depth']])}"
+        if key != "layers" and got != value:
+            return f"the run's model.{key}={got}, the authors' network has {value}"
+    return None
 
 
 def _error_column(row: dict[str, str]) -> float:
