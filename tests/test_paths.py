@@ -157,10 +157,10 @@ def test_float32_close_to_float64():
     torch.testing.assert_close(single, exact, rtol=1e-4, atol=0)
 
 
-@pytest.mark.parametrize("name", ["preact", "stochastic_preact"])
+@pytest.mark.parametrize("name", ["preact", "stochastic_preact", "postact", "stochastic"])
 def test_path_gradients_sum_to_input_gradient(name):
-    """Without a nonlinear post, every block's Jacobian is J_shortcut + p J_branch, so the 2^n
-    path gradients add up to the network's input gradient."""
+    """Every block's Jacobian is J_post (J_shortcut + p J_branch), a post-activation ReLU mask
+    included, so the 2^n path gradients add up to the network's input gradient."""
     model, x, y = make(name, seed=4)
     n = len(model.blocks)
     everything = torch.tensor(list(itertools.product([False, True], repeat=n)))

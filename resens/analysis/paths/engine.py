@@ -9,8 +9,16 @@ recorded intact activations::
     g_p = J_stem^T J_0(p_0)^T ... J_{n-1}(p_{n-1})^T dL/dh_n,
     J_i(True) = J_post_i · survival_prob_i · J_branch_i(h_i),   J_i(False) = J_post_i · J_shortcut_i(h_i)
 
-with L the mean cross-entropy of the batch. Without a nonlinear ``post`` (pre-activation blocks)
-the 2^n path gradients add up to the network's input gradient.
+with L the mean cross-entropy of the batch. The 2^n path gradients add up to the network's input
+gradient, for pre- and post-activation blocks alike: a block's Jacobian is
+J_post (J_shortcut + p J_branch), and the post's ReLU mask multiplies both of its paths.
+
+Two approximations, both standard in the paper's setting and both exact for pre-activation
+networks with BatchNorm in eval mode: each path's gradient is taken at the intact network's
+activations (the ReLU masks and the ``post`` of the full network, not of a network made of that
+path alone); and in a post-activation network deleting a block does not remove exactly its paths
+from the forward pass (the ReLU after the addition couples the two terms), so the forward
+unravelling into paths, unlike the gradient's, is approximate there.
 
 Everything runs in eval mode (BatchNorm running statistics) and leaves the model as it was.
 
