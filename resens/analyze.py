@@ -34,7 +34,8 @@ def analyze(checkpoint: str | Path, config: str | None = None, out: str | None =
         cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
     except Exception as err:
         raise ConfigError(str(err).splitlines()[0]) from None
-    cfg = config_lib.from_dict(config_lib.to_dict(cfg))
+    # Checked with its paths as a run's config is; an analysis resumes nothing.
+    cfg = config_lib.from_dict({**config_lib.to_dict(cfg), "resume": None}, paths=True)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     ckpt_path = Path(checkpoint)
     run_dir = ckpt_path.parent.parent if ckpt_path.parent.name == "checkpoints" else ckpt_path.parent

@@ -22,10 +22,10 @@ from torch import nn
 
 from resens.analysis import paths as P
 from resens.analysis import variants as V
+from resens.data.cifar10 import MEAN as CIFAR_MEAN
+from resens.data.cifar10 import STD as CIFAR_STD
 from resens.data.gpu_augment import normalize, random_crop_flip
 from resens.models import cifar_resnet
-
-CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 
 
 def _sync(device: torch.device) -> None:

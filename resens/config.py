@@ -1,21 +1,24 @@
 """The run configuration: an OmegaConf structured schema, a YAML per experiment, ``key=value`` overrides.
 
-``load(path, overrides)`` validates everything against the schema and raises ``ConfigError`` with
-a one-line message naming the key or file at fault.
+An experiment YAML may start with ``defaults: [recipes/x.yaml, ...]``: those files (relative to
+the YAML's folder, each possibly with defaults of its own) are merged in order, then the YAML
+itself, then the overrides. ``load(path, overrides)`` composes and validates the whole config in
+one pass (``validate``), before any folder or process exists, and raises a one-line
+``ConfigError`` naming the key or file at fault and what is allowed.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import json
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from resens.errors import ConfigError
 
-ARCHS = ("cifar_resnet", "cifar_plain", "imagenet_resnet")
 ANALYSES = (
     "single_deletion",
     "multi_deletion",
@@ -26,6 +29,16 @@ ANALYSES = (
     "effective_paths",
     "stochastic_depth",
 )
+SHORTCUT_POOLS = ("subsample", "avg")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
+LOGGER_MODES = ("online", "offline", "disabled")
+# Keys under ``model`` that configure the training, not the builder.
+NOT_BUILDER_KEYS = ("arch", "channels_last", "compile")
+
+
+def analysis_names() -> tuple[str, ...]:
+    """The analyses ``analysis.run`` may name: the one place validation reads them from."""
+    return ANALYSES
 
 
 @dataclass
@@ -157,7 +170,7 @@ class AnalysisConfig:
     path_gradient: PathGradientConfig = field(default_factory=PathGradientConfig)
     effective_share: float = 0.9  # share of the total gradient the effective range must hold
     compare_with: str | None = None  # analysis.json of a run to compare deletion resilience with
-    reference: str | None = None  # paper-reference overlay: cifar10_resnet110 | imagenet_resnet200 | None
+    reference: str | None = None  # paper-reference overlay: a resens.analysis.reference.NAMES, or None
 
 
 @dataclass
@@ -180,38 +193,208 @@ def _one_line(err: OmegaConfBaseException) -> str:
     return f"{key}: {msg}" if key and key not in msg else msg
 
 
-def _check(cfg: DictConfig) -> None:
-    if cfg.model.arch not in ARCHS:
-        raise ConfigError(f"model.arch: unknown architecture '{cfg.model.arch}' (choose from {', '.join(ARCHS)})")
-    unknown = [a for a in cfg.analysis.run if a not in ANALYSES]
-    if unknown:
-        raise ConfigError(f"analysis.run: unknown analysis '{unknown[0]}' (choose from {', '.join(ANALYSES)})")
-    if cfg.data.batch_size <= 0:
-        raise ConfigError(f"data.batch_size must be positive, got {cfg.data.batch_size}")
+def _read_yaml(path: Path, chain: tuple[Path, ...]) -> list[DictConfig]:
+    """The YAML at ``path`` preceded by its ``defaults`` (recursively), in merge order.
+    ``chain`` is the files whose defaults led here, to name a cycle."""
+    where = f" (in the defaults of {chain[-1]})" if chain else ""
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}{where}")
+    if path.resolve() in [p.resolve() for p in chain]:
+        raise ConfigError(f"defaults cycle: {' -> '.join(map(str, (*chain, path)))}")
+    try:
+        node = OmegaConf.load(path)
+    except Exception as err:  # a YAML syntax error, an unreadable file
+        raise ConfigError(f"cannot read config {path}: {str(err).splitlines()[0]}") from None
+    if not isinstance(node, DictConfig):
+        raise ConfigError(f"config {path}: expected a mapping of keys, got a {type(node).__name__}")
+    bases = node.pop("defaults", None)
+    bases = [] if bases is None else bases
+    if not isinstance(bases, (list, ListConfig)) or not all(isinstance(b, str) for b in bases):
+        raise ConfigError(f"defaults in {path}: expected a list of YAML paths, got {bases}")
+    layers = []
+    for base in bases:
+        layers += _read_yaml(path.parent / base, (*chain, path))
+    return [*layers, node]
 
 
 def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
-    """Schema defaults ← the YAML at ``path`` ← ``key=value`` overrides, validated."""
-    cfg = OmegaConf.structured(Config)
+    """Schema defaults ← the YAML at ``path`` (after its ``defaults``) ← ``key=value``
+    overrides; validated with its paths (``validate``), read-only."""
+    layers = _read_yaml(Path(path), ()) if path is not None else []
+    bad = [o for o in overrides if "=" not in o]
+    if bad:
+        raise ConfigError(f"override '{bad[0]}' is not of the form key=value")
     try:
-        if path is not None:
-            path = Path(path)
-            if not path.is_file():
-                raise ConfigError(f"config file not found: {path}")
-            cfg = OmegaConf.merge(cfg, OmegaConf.load(path))
-        bad = [o for o in overrides if "=" not in o]
-        if bad:
-            raise ConfigError(f"override '{bad[0]}' is not of the form key=value")
-        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+        cfg = OmegaConf.merge(OmegaConf.structured(Config), *layers, OmegaConf.from_dotlist(list(overrides)))
     except OmegaConfBaseException as err:
         raise ConfigError(_one_line(err)) from None
-    except Exception as err:  # a YAML syntax error, an unreadable file
-        if isinstance(err, ConfigError):
-            raise
-        raise ConfigError(f"cannot read config {path}: {str(err).splitlines()[0]}") from None
-    _check(cfg)
+    validate(cfg)
     OmegaConf.set_readonly(cfg, True)
     return cfg
+
+
+def model_kwargs(model: DictConfig) -> dict[str, Any]:
+    """The keys of ``model`` that are set (not None) and go to its builder as keyword arguments."""
+    return {
+        k: v for k, v in OmegaConf.to_container(model, resolve=True).items()
+        if k not in NOT_BUILDER_KEYS and v is not None
+    }
+
+
+def _fail(key: str, value: Any, why: str) -> None:
+    raise ConfigError(f"{key}={value}: {why}")
+
+
+def _one_of(key: str, value: Any, allowed: tuple | list) -> None:
+    if value not in allowed:
+        _fail(key, value, f"not one of {', '.join('null' if a is None else str(a) for a in allowed)}")
+
+
+def _at_least(node: DictConfig, prefix: str, keys: str, low: float) -> None:
+    """Each of the space-separated dotted ``keys`` under ``node`` (named ``prefix``) >= low;
+    None is skipped, a list is checked item by item."""
+    for key in keys.split():
+        value = OmegaConf.select(node, key)
+        for v in value if OmegaConf.is_list(value) else [value]:
+            if v is not None and v < low:
+                _fail(f"{prefix}.{key}", value, f"must be >= {low}")
+
+
+def _in_unit(key: str, value: float | None) -> None:
+    if value is not None and not 0 < value <= 1:
+        _fail(key, value, "must be in (0, 1]")
+
+
+def validate(cfg: DictConfig, paths: bool = True) -> None:
+    """Check the whole config: closed sets, the model's keys against its builder, ranges and,
+    with ``paths``, the files and folders it names (the data folder, ``resume``,
+    ``analysis.compare_with``). Raises the first problem as a one-line ``ConfigError``; creates
+    nothing. Device counts and the batch split need the accelerator: ``resens.train.check_devices``."""
+    _check_model(cfg.model)
+    _check_data(cfg.data)
+    _check_optim(cfg.optim)
+    _check_trainer(cfg)
+    _one_of("logger.mode", cfg.logger.mode, LOGGER_MODES)
+    _check_analysis(cfg.analysis)
+    if paths:
+        _check_paths(cfg)
+
+
+def _check_model(m: DictConfig) -> None:
+    from resens.models import MODELS, model_arguments
+
+    _one_of("model.arch", m.arch, sorted(MODELS))
+    schema_keys = {f.name for f in fields(ModelConfig)}
+    takes = sorted(model_arguments(m.arch) & schema_keys)
+    for key in model_kwargs(m):
+        if key not in takes:
+            raise ConfigError(
+                f"model.{key}: {m.arch} does not take it (its keys: {', '.join(takes)}; "
+                f"set model.{key}=null)"
+            )
+    if m.shortcut_pool is not None:
+        _one_of("model.shortcut_pool", m.shortcut_pool, SHORTCUT_POOLS)
+    _one_of("model.compile", m.compile, (None, *COMPILE_MODES))
+    _in_unit("model.stochastic_depth", m.stochastic_depth)
+    _at_least(m, "model", "depth width layers", 1)
+    if m.compile is not None and m.stochastic_depth is not None:
+        raise ConfigError(
+            "model.compile: stochastic depth changes the graph at every step; train it eagerly "
+            "(model.compile=null)"
+        )
+
+
+def _check_data(d: DictConfig) -> None:
+    from resens.data import DATASETS, training_images
+
+    _one_of("data.name", d.name, DATASETS)
+    _at_least(d, "data", "batch_size eval_batch_size image_size synthetic_size", 1)
+    _at_least(d, "data", "num_workers val_split", 0)
+    _at_least(d, "data", "num_classes", 2)
+    n = training_images(d)
+    if n is not None and d.val_split >= n:
+        _fail("data.val_split", d.val_split, f"must be below the {n} training images of {d.name}")
+    if d.gpu_augment and d.name != "cifar10":
+        _fail("data.gpu_augment", d.gpu_augment, f"cifar10 only, {d.name} has no device-side augmentation")
+
+
+def _check_optim(o: DictConfig) -> None:
+    for key in ("lr", "warmup_lr", "gamma"):
+        if o[key] is not None and o[key] <= 0:
+            _fail(f"optim.{key}", o[key], "must be > 0")
+    if not 0 <= o.momentum < 1:
+        _fail("optim.momentum", o.momentum, "must be in [0, 1)")
+    if o.nesterov and o.momentum == 0:
+        _fail("optim.nesterov", o.nesterov, "Nesterov needs optim.momentum > 0")
+    _at_least(o, "optim", "weight_decay warmup_steps linear_warmup_epochs milestones", 0)
+    _at_least(o, "optim", "base_batch_size", 1)
+    if any(a >= b for a, b in zip(o.milestones, o.milestones[1:], strict=False)):
+        _fail("optim.milestones", o.milestones, "must be strictly increasing epochs")
+
+
+def _check_trainer(cfg: DictConfig) -> None:
+    from typing import get_args
+
+    from lightning.fabric.plugins.precision.precision import (
+        _PRECISION_INPUT_STR,
+        _PRECISION_INPUT_STR_ALIAS,
+    )
+
+    t = cfg.trainer
+    _one_of("trainer.precision", t.precision, (*get_args(_PRECISION_INPUT_STR), *get_args(_PRECISION_INPUT_STR_ALIAS)))
+    _at_least(t, "trainer", "max_epochs num_nodes log_every_n_steps check_val_every_n_epoch", 1)
+    _at_least(t, "trainer", "limit_val_batches gradient_clip_val", 0)
+    if t.limit_train_batches is not None and t.limit_train_batches <= 0:
+        _fail("trainer.limit_train_batches", t.limit_train_batches, "must be > 0")
+
+
+def _check_analysis(a: DictConfig) -> None:
+    from resens.analysis.reference import NAMES
+
+    for name in a.run:
+        _one_of("analysis.run", name, analysis_names())
+    _one_of("analysis.reference", a.reference, (None, *NAMES))
+    _in_unit("analysis.effective_share", a.effective_share)
+    _at_least(
+        a,
+        "analysis",
+        "max_batches multi_deletion.k_max multi_deletion.trials reorder.max_swaps reorder.trials "
+        "duplication.k_max duplication.trials path_gradient.samples_per_length "
+        "path_gradient.batch_size path_gradient.batches path_gradient.lengths",
+        1,
+    )
+    _at_least(a, "analysis", "multi_deletion.exclude protocol.exclude protocol.reorder_stages", 0)
+
+
+def _check_paths(cfg: DictConfig) -> None:
+    d = cfg.data
+    if d.name == "cifar10" and not d.download:
+        folder = Path(d.root) / "cifar-10-batches-py"
+        if not folder.is_dir():
+            raise ConfigError(
+                f"data.root: CIFAR-10 not found under '{d.root}' (expected {folder}; "
+                "set data.download=true or data.root=...)"
+            )
+    # ImageNet cannot be downloaded: its folder must exist whatever data.download says.
+    if d.name == "imagenet" and not Path(d.root).is_dir():
+        raise ConfigError(f"data.root: ImageNet folder '{d.root}' not found (set data.root=...)")
+    if cfg.resume not in (None, "last") and not Path(cfg.resume).is_file():
+        raise ConfigError(f"resume: checkpoint not found: {cfg.resume} (a .ckpt file, or last)")
+    if cfg.analysis.compare_with is not None:
+        _check_compare_with(Path(cfg.analysis.compare_with))
+
+
+def _check_compare_with(path: Path) -> None:
+    key = "analysis.compare_with"
+    if not path.is_file():
+        raise ConfigError(f"{key}: file not found: {path} (another run's analysis.json)")
+    try:
+        results = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ConfigError(f"{key}: {path} is not a JSON file ({str(err).splitlines()[0]})") from None
+    wanted = ("multi_deletion", "single_deletion")
+    if not isinstance(results, dict) or not any(results.get(k) for k in wanted):
+        raise ConfigError(f"{key}: {path} holds no {' or '.join(wanted)} results")
 
 
 def per_device_batch(global_batch: int, world_size: int) -> int:
@@ -228,11 +411,14 @@ def to_dict(cfg: DictConfig) -> dict:
     return OmegaConf.to_container(cfg, resolve=True)
 
 
-def from_dict(data: dict) -> DictConfig:
-    """Rebuild a validated config from a saved ``to_dict`` (e.g. a checkpoint's hyperparameters)."""
+def from_dict(data: dict, paths: bool = False) -> DictConfig:
+    """Rebuild a validated config from a saved ``to_dict`` (e.g. a checkpoint's hyperparameters).
+
+    Its paths (data folder, ``resume``, ``analysis.compare_with``) are those of the machine and
+    the time that saved it, so they are checked only with ``paths=True``."""
     try:
         cfg = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(data))
     except OmegaConfBaseException as err:
         raise ConfigError(_one_line(err)) from None
-    _check(cfg)
+    validate(cfg, paths=paths)
     return cfg

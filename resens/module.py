@@ -19,22 +19,16 @@ class NonFiniteLossError(ResensError):
     """The training loss became NaN or infinite."""
 
 
-# Config keys under ``model`` that are the training's, not the builder's.
-NOT_BUILDER_KEYS = ("arch", "channels_last", "compile")
-
-
 def build_model(cfg: DictConfig, num_classes: int, in_channels: int) -> ResidualNet:
     """The registered builder ``cfg.model.arch`` with the keys of ``cfg.model`` that are set."""
-    kwargs = {
-        k: v for k, v in config_lib.to_dict(cfg.model).items() if k not in NOT_BUILDER_KEYS and v is not None
-    }
+    kwargs = config_lib.model_kwargs(cfg.model)
     kwargs.update(num_classes=num_classes, in_channels=in_channels)
     if "gate_seed" in model_arguments(cfg.model.arch):
         kwargs["gate_seed"] = cfg.seed
     try:
         return registry_build(cfg.model.arch, **kwargs)
     except (TypeError, ValueError) as err:
-        raise config_lib.ConfigError(f"model: {err}") from None
+        raise config_lib.ConfigError(f"model: {str(err).splitlines()[0]}") from None
 
 
 class ResNetClassifier(L.LightningModule):
@@ -52,10 +46,6 @@ class ResNetClassifier(L.LightningModule):
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.register_buffer("_nonfinite", torch.tensor(False), persistent=False)
         m = self.cfg.model
-        if m.compile is not None and self.model.stochastic_depth:
-            raise config_lib.ConfigError(
-                "model.compile: stochastic depth changes the graph at every step; train it eagerly"
-            )
         self._memory_format = torch.channels_last if m.channels_last else torch.contiguous_format
         self.model.to(memory_format=self._memory_format)
         # The compiled function is kept off the module tree, so checkpoints keep their keys.

@@ -236,7 +236,7 @@ def bad_inputs(sigkill, tmp_path_factory):
     cases = {
         "missing data folder": (
             train_args(tmp / "runs-1", "data.name=cifar10", f"data.root={tmp}/nowhere"),
-            f"CIFAR-10 not found under '{tmp}/nowhere'",
+            f"data.root: CIFAR-10 not found under '{tmp}/nowhere'",
         ),
         "malformed CIFAR-10 folder": (
             train_args(tmp / "runs-2", "data.name=cifar10", f"data.root={cifar.parent}"),
@@ -330,6 +330,70 @@ def test_bad_input_fails_with_one_line_and_leaves_nothing(bad_inputs, case):
         f"left behind: {sorted(map(str, after - before))}"
     )  # no run folder, no output
     assert not (tmp / "payload-ran").exists()
+
+
+# A bad config through the real CLI: (overrides, what the one line names); {tmp} is the folder.
+# Every kind of bad key is in tests/test_config.py; these cover each kind once, end to end.
+CONFIG_CASES = {
+    "paper reference typo": (
+        ["analysis.reference=cifar10_resnet11"],
+        "analysis.reference=cifar10_resnet11: not one of null, cifar10_resnet110, ",
+    ),
+    "missing comparison run": (
+        ["analysis.compare_with={tmp}/other/analysis.json"],
+        "analysis.compare_with: file not found: {tmp}/other/analysis.json",
+    ),
+    "comparison without deletion results": (
+        ["analysis.compare_with={tmp}/empty.json"],
+        "analysis.compare_with: {tmp}/empty.json holds no multi_deletion or single_deletion results",
+    ),
+    "key the plain network does not take": (
+        ["model.arch=cifar_plain", "model.preact=null", "model.stochastic_depth=0.5"],
+        "model.stochastic_depth: cifar_plain does not take it (its keys: depth, width;",
+    ),
+    "validation split of every image": (
+        ["data.val_split=1297"],
+        "data.val_split=1297: must be below the 1297 training images of digits",
+    ),
+    "unknown W&B mode": (["logger.mode=onlin"], "logger.mode=onlin: not one of online, offline, disabled"),
+}
+
+
+@pytest.fixture(scope="module")
+def bad_configs(tmp_path_factory):
+    """Each CONFIG_CASES run as a real CLI process (two at a time); returns
+    ``({case: (completed process, needle)}, files before, files after)`` over the test folder
+    and the repository's top level (where a stray wandb/ folder would appear)."""
+    from tests.helpers import ROOT
+
+    tmp = tmp_path_factory.mktemp("bad-config")
+    (tmp / "empty.json").write_text('{"baseline_error": 0.1}')
+    cases = {
+        case: (
+            train_args(tmp / "runs", *(o.format(tmp=tmp) for o in overrides)),
+            needle.format(tmp=tmp),
+        )
+        for case, (overrides, needle) in CONFIG_CASES.items()
+    }
+
+    def files() -> set[Path]:
+        return set(tmp.rglob("*")) | set(ROOT.iterdir())
+
+    before = files()
+    with ThreadPoolExecutor(2) as pool:
+        done = list(pool.map(lambda c: run(cases[c][0], base_env(), timeout=120), cases))
+    return {c: (d, cases[c][1]) for c, d in zip(cases, done, strict=True)}, before, files()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", CONFIG_CASES)
+def test_bad_config_fails_at_load_with_one_line_and_creates_nothing(bad_configs, case):
+    results, before, after = bad_configs
+    done, needle = results[case]
+    assert done.returncode == 2, done.stderr[-3000:]
+    lines = done.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], done.stderr
+    assert after == before, f"left behind: {sorted(map(str, after - before))}"
 
 
 def test_payload_fixture_really_runs_code_when_unpickled(tmp_path):

@@ -73,7 +73,7 @@ def test_lesion_on_the_checkpoint_logs_an_analysis_job(run_dir, tmp_path):
 
 
 def test_learning_rate_schedule_follows_the_recipe():
-    o = config.load(CONFIGS / "cifar10_resnet110.yaml").optim
+    o = config.load(CONFIGS / "cifar10_resnet110_he.yaml", ["data.download=true"]).optim
     steps = 391  # CIFAR-10 at batch 128
     assert lr_at(o, 0.1, steps, 0) == pytest.approx(0.01)
     assert lr_at(o, 0.1, steps, 399) == pytest.approx(0.01)

@@ -1,6 +1,6 @@
 """LightningDataModules: CIFAR-10, ImageNet, scikit-learn digits and synthetic images.
 
-``build_datamodule(cfg.data, batch_size)`` picks one by ``cfg.name``. Every module has
+``build_datamodule(cfg.data, batch_size)`` picks one by ``cfg.name`` (one of ``DATASETS``). Every module has
 ``num_classes``, ``in_channels`` and ``image_size`` right after construction (so the model can be
 built before ``setup``), the usual train/val/test loaders, and
 ``analysis_train_dataloader(batch_size, seed)``: training images with the test transform in a
@@ -18,6 +18,8 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from resens.errors import DataError
+
+DATASETS = ("cifar10", "imagenet", "digits", "synthetic")
 
 
 class TransformSubset(Dataset):
@@ -56,6 +58,7 @@ class ResensDataModule(L.LightningDataModule):
     num_classes: int
     in_channels: int
     image_size: int
+    train_images: int | None = None  # before the validation split, where fixed by the data set
 
     def __init__(self, cfg: Any, batch_size: int) -> None:
         super().__init__()
@@ -65,6 +68,11 @@ class ResensDataModule(L.LightningDataModule):
         self.val_set: Dataset | None = None
         self.test_set: Dataset | None = None
         self.analysis_set: Dataset | None = None
+
+    @classmethod
+    def known_train_images(cls, cfg: Any) -> int | None:
+        """Training images before the validation split, known without reading the data."""
+        return cls.train_images
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is None:
@@ -134,8 +142,7 @@ class ResensDataModule(L.LightningDataModule):
         return self._loader(self.analysis_set, batch_size, shuffle=True, generator=generator)
 
 
-def build_datamodule(cfg: Any, batch_size: int) -> L.LightningDataModule:
-    """The DataModule named by ``cfg.name``; ``batch_size`` is the per-device training batch."""
+def _modules() -> dict[str, type[ResensDataModule]]:
     # Imported here: the submodules import ResensDataModule from this package.
     from resens.data.cifar10 import CIFAR10DataModule
     from resens.data.digits import DigitsDataModule
@@ -148,6 +155,18 @@ def build_datamodule(cfg: Any, batch_size: int) -> L.LightningDataModule:
         "digits": DigitsDataModule,
         "synthetic": SyntheticDataModule,
     }
+    return {name: modules[name] for name in DATASETS}
+
+
+def training_images(cfg: Any) -> int | None:
+    """The training images (before the validation split) of data set ``cfg.name``, where known
+    without reading it (None for ImageNet, whose folder decides); ``cfg.val_split`` must be below."""
+    return _modules()[cfg.name].known_train_images(cfg)
+
+
+def build_datamodule(cfg: Any, batch_size: int) -> L.LightningDataModule:
+    """The DataModule named by ``cfg.name``; ``batch_size`` is the per-device training batch."""
+    modules = _modules()
     if cfg.name not in modules:
         raise DataError(
             f"unknown data set data.name={cfg.name!r} (expected one of {', '.join(modules)})"

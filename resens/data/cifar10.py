@@ -49,6 +49,7 @@ class CIFAR10DataModule(ResensDataModule):
     """
 
     num_classes, in_channels, image_size = 10, 3, 32
+    train_images = 50_000
 
     def __init__(self, cfg: Any, batch_size: int) -> None:
         super().__init__(cfg, batch_size)

@@ -14,6 +14,7 @@ from sklearn.model_selection import train_test_split
 
 from resens.data import ResensDataModule
 
+IMAGES = 1_797  # load_digits()
 TEST_SIZE = 500
 
 
@@ -22,6 +23,7 @@ class DigitsDataModule(ResensDataModule):
     classes; a stratified split seeded by ``cfg.seed``: 500 test images, 1,297 training images."""
 
     num_classes, in_channels, image_size = 10, 1, 8
+    train_images = IMAGES - TEST_SIZE
 
     def __init__(self, cfg: Any, batch_size: int) -> None:
         super().__init__(cfg, batch_size)

@@ -15,6 +15,10 @@ class SyntheticDataModule(ResensDataModule):
 
     in_channels = 3
 
+    @classmethod
+    def known_train_images(cls, cfg: Any) -> int:
+        return cfg.synthetic_size
+
     def __init__(self, cfg: Any, batch_size: int) -> None:
         super().__init__(cfg, batch_size)
         self.num_classes, self.image_size = cfg.num_classes, cfg.image_size
