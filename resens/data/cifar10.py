@@ -16,8 +16,9 @@ from resens.data import ResensDataModule
 from resens.data.gpu_augment import ResidentLoader
 from resens.errors import DataError
 
-MEAN = (0.4914, 0.4822, 0.4465)
-STD = (0.2470, 0.2435, 0.2616)
+# fb.resnet.torch's CIFAR-10 statistics (datasets/cifar10.lua), in 0..255 there.
+MEAN = (125.3 / 255, 123.0 / 255, 113.9 / 255)
+STD = (63.0 / 255, 62.1 / 255, 66.7 / 255)
 PAD = 4
 
 
