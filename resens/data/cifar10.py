@@ -44,7 +44,8 @@ def _diagnose(folder: str, error: Exception) -> str:
 class CIFAR10DataModule(ResensDataModule):
     """CIFAR-10 from ``cfg.root``/cifar-10-batches-py; images [3, 32, 32], 10 classes.
 
-    Training: 4-pixel zero pad, random 32 crop, horizontal flip, per-channel normalization. With
+    Training: per-channel normalization, then (as fb.resnet.torch) a 4-pixel zero pad, i.e. the
+    mean colour, a random 32 crop and a horizontal flip. With
     ``cfg.gpu_augment`` the training loader is a ``ResidentLoader`` doing the same with tensor ops
     on the trainer's device.
     """
@@ -55,8 +56,9 @@ class CIFAR10DataModule(ResensDataModule):
     def __init__(self, cfg: Any, batch_size: int) -> None:
         super().__init__(cfg, batch_size)
         self.test_transform = T.Compose([T.ToTensor(), T.Normalize(MEAN, STD)])
+        # fb.resnet.torch normalises first, then pads with zeros (the mean colour) and crops.
         self.train_transform = T.Compose(
-            [T.RandomCrop(32, padding=PAD), T.RandomHorizontalFlip(), self.test_transform]
+            [self.test_transform, T.RandomCrop(32, padding=PAD), T.RandomHorizontalFlip()]
         )
         self._resident: ResidentLoader | None = None
         self._train_raw: datasets.CIFAR10 | None = None

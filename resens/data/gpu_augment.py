@@ -104,5 +104,6 @@ class ResidentLoader:
         generator.manual_seed((self.seed + epoch) * 4099 + rank + 1)
         for i in range(len(self)):
             idx = order[i * self.batch_size : (i + 1) * self.batch_size]
-            x = random_crop_flip(self.images[idx], self.pad, generator)
-            yield normalize(x, self.mean, self.std), self.labels[idx]
+            # normalised first, so the zero padding is the mean colour (fb.resnet.torch)
+            x = normalize(self.images[idx], self.mean, self.std)
+            yield random_crop_flip(x, self.pad, generator), self.labels[idx]
