@@ -331,24 +331,28 @@ def test_gradient_by_length_protocol():
     n = len(model.blocks)
     batches = [(x, y), (x[:2] * 0.5, y[:2]), (x.flip(0), y.flip(0))]
     seen = []
-    out = P.path_gradient_by_length(
-        model, iter(batches), [0, 1, 3], 5, torch.Generator().manual_seed(0), progress=seen.append
-    )
-    again = P.path_gradient_by_length(model, batches, [0, 1, 3], 5, torch.Generator().manual_seed(0))
+    out = P.path_gradient_by_length(model, iter(batches), [0, 1, 3], 5, seed=0, progress=seen.append)
+    again = P.path_gradient_by_length(model, batches, [0, 1, 3], 5, seed=0)
     assert torch.equal(out.norms, again.norms)
     assert out.lengths == [0, 1, 3] and out.norms.shape == (3, 5) and sum(seen) == 15
     assert torch.equal(out.count, torch.tensor([5, 5, 5]))
     torch.testing.assert_close(out.mean, out.norms.mean(1))
     torch.testing.assert_close(out.std, out.norms.std(1))
     assert torch.isnan(out.mean_by_length()[2]) and out.mean_by_length()[3] == out.mean[2]
-    # Replay the draws: batch j serves samples [2, 2, 1] of each length in turn.
-    g = torch.Generator().manual_seed(0)
+    # Replay the draws: batch j serves samples [2, 2, 1] of each length, from seed + 1000 + j.
     done = 0
-    for (xb, yb), share in zip(batches, [2, 2, 1], strict=True):
+    for j, ((xb, yb), share) in enumerate(zip(batches, [2, 2, 1], strict=True)):
+        g = torch.Generator().manual_seed(1000 + j)
         paths = torch.cat([P.sample_paths(n, k, share, g) for k in [0, 1, 3]])
         naive = P.path_gradient_norms_naive(model, xb, yb, paths).view(3, share)
         torch.testing.assert_close(out.norms[:, done : done + share], naive, rtol=1e-9, atol=0)
         done += share
+    # Two processes: each measures its batches (j mod 2), zeros elsewhere; the sum is the whole.
+    ranks = [P.path_gradient_by_length(model, batches, [0, 1, 3], 5, 0, rank=r, world=2) for r in (0, 1)]
+    assert (ranks[0].norms[:, 2:4] == 0).all() and (ranks[1].norms[:, [0, 1, 4]] == 0).all()
+    assert torch.equal(ranks[0].norms + ranks[1].norms, out.norms)
+    with pytest.raises(ValueError):
+        P.path_gradient_by_length(model, batches, [0], 5, 0, rank=2, world=2)
 
 
 @pytest.mark.parametrize("slab", [1, 300, 5000])

@@ -735,36 +735,45 @@ def path_gradient_by_length(
     batches: Batches,
     lengths: Sequence[int],
     samples_per_length: int,
-    generator: torch.Generator,
+    seed: int,
     progress: Progress | None = None,
     chunk_size: int | None = None,
     budget: int = DEFAULT_BUDGET,
+    rank: int = 0,
+    world: int = 1,
 ) -> PathGradientsByLength:
     """Veit et al.'s measurement: for each path length k in ``lengths``, ``samples_per_length``
     paths drawn with :func:`sample_paths` (k random branches), each measured on a batch.
 
     The samples are spread evenly over ``batches`` (iterable of ``(x, y)``; materialised if it has
-    no ``len``): batch j serves its share of the samples of every length, so one forward pass and
-    the shared backward serve them all. Deterministic given ``generator`` and the batches.
-    ``progress(k)`` is called as k more paths are measured; ``chunk_size`` and ``budget`` go to
-    :func:`path_gradient_norms`.
+    no ``len``): batch j serves the samples ``torch.arange(samples_per_length).tensor_split(
+    len(batches))[j]`` of every length, so one forward pass and the shared backward serve them
+    all. Batch j's paths come from ``torch.Generator().manual_seed(seed + 1000 + j)``, so they do
+    not depend on which process measures them.
+
+    Process ``rank`` of ``world`` measures only the batches j with j % world == rank and leaves the
+    other columns of ``norms`` at 0: the sum of ``norms`` over all ranks is the single-process
+    result. ``progress(k)`` is called as k more paths are measured; ``chunk_size`` and ``budget``
+    go to :func:`path_gradient_norms`.
     """
     n = len(model.blocks)
     lengths = [int(k) for k in lengths]
+    if not 0 <= rank < world:
+        raise ValueError(f"rank must be in 0..world-1 = 0..{world - 1}, got {rank}")
     if not isinstance(batches, Sized):
         batches = list(batches)
     if len(batches) == 0:
         raise ValueError("path_gradient_by_length got no batches")
-    shares = [len(part) for part in torch.arange(samples_per_length).tensor_split(len(batches))]
-    norms = torch.empty(len(lengths), samples_per_length, dtype=torch.float64)
-    done = 0
-    for (x, y), share in zip(batches, shares, strict=True):
-        if share == 0:
-            break
+    parts = torch.arange(samples_per_length).tensor_split(len(batches))
+    norms = torch.zeros(len(lengths), samples_per_length, dtype=torch.float64)
+    for j, ((x, y), part) in enumerate(zip(batches, parts, strict=True)):
+        share = len(part)
+        if j % world != rank or share == 0:
+            continue
+        generator = torch.Generator().manual_seed(seed + 1000 + j)
         paths = torch.cat([sample_paths(n, k, share, generator) for k in lengths])
         measured = path_gradient_norms(model, x, y, paths, chunk_size, budget, progress)
-        norms[:, done : done + share] = measured.view(len(lengths), share)
-        done += share
+        norms[:, part] = measured.view(len(lengths), share)
     return PathGradientsByLength(n, lengths, norms)
 
 
