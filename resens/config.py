@@ -13,19 +13,11 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from resens.analysis.catalog import analysis_names
 from resens.errors import ConfigError
 
 ARCHS = ("cifar_resnet", "cifar_plain", "imagenet_resnet")
-ANALYSES = (
-    "single_deletion",
-    "multi_deletion",
-    "reorder",
-    "duplication",
-    "path_lengths",
-    "path_gradient",
-    "effective_paths",
-    "stochastic_depth",
-)
+ANALYSES = analysis_names()  # one class per name in callbacks/ (resens.analysis.catalog)
 
 
 @dataclass
@@ -183,9 +175,9 @@ def _one_line(err: OmegaConfBaseException) -> str:
 def _check(cfg: DictConfig) -> None:
     if cfg.model.arch not in ARCHS:
         raise ConfigError(f"model.arch: unknown architecture '{cfg.model.arch}' (choose from {', '.join(ARCHS)})")
-    unknown = [a for a in cfg.analysis.run if a not in ANALYSES]
+    unknown = [a for a in cfg.analysis.run if a not in analysis_names()]
     if unknown:
-        raise ConfigError(f"analysis.run: unknown analysis '{unknown[0]}' (choose from {', '.join(ANALYSES)})")
+        raise ConfigError(f"analysis.run: unknown analysis '{unknown[0]}' (choose from {', '.join(analysis_names())})")
     if cfg.data.batch_size <= 0:
         raise ConfigError(f"data.batch_size must be positive, got {cfg.data.batch_size}")
 
