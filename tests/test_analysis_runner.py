@@ -6,7 +6,14 @@ from pathlib import Path
 import lightning as L
 import pytest
 
-from callbacks import REGISTRY, Analysis, AnalysisRunner, analysis_order, build_analysis_callbacks, register_analysis
+from callbacks import (
+    REGISTRY,
+    Analysis,
+    AnalysisRunner,
+    analysis_order,
+    build_analysis_callbacks,
+    register_analysis,
+)
 from resens import config
 from resens.analysis.catalog import analysis_names, run_order
 from resens.errors import ConfigError
