@@ -9,7 +9,7 @@ from pathlib import Path
 
 from callbacks.base import Analysis, register_analysis
 from resens.analysis import paths, plots, summary
-from resens.analysis.stochastic_depth import stochastic_depth
+from resens.analysis.stochastic_depth import summarize_stochastic_depth
 from resens.errors import ConfigError
 
 
@@ -123,7 +123,7 @@ class StochasticDepth(Analysis):
             if not path.is_file():
                 raise ConfigError(f"analysis.compare_with: no such file {path}")
             other, label = json.loads(path.read_text()), path.parent.name
-        result = stochastic_depth(
+        result = summarize_stochastic_depth(
             ctx.results, [b.survival_prob for b in model.blocks], self.cfg.multi_deletion.k_max, other, label
         )
         ctx.write(self.name, result)

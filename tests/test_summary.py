@@ -6,7 +6,7 @@ import pytest
 
 from resens.analysis import summary
 from resens.analysis.paths import effective_path_survival
-from resens.analysis.stochastic_depth import stochastic_depth
+from resens.analysis.stochastic_depth import summarize_stochastic_depth
 
 RESULTS = {
     "baseline_error": 0.05,
@@ -85,7 +85,7 @@ def test_missing_analyses_give_nan_or_no_headline():
 
 def test_stochastic_depth_aggregates_this_run_and_the_other_runs_file():
     other = {"multi_deletion": [{"k": 1, "blocks": [1], "error": 0.7}], "single_deletion": RESULTS["single_deletion"][:1]}
-    out = stochastic_depth(RESULTS, [1.0, 0.75, 0.5], k_max=5, other=other, other_label="plain")
+    out = summarize_stochastic_depth(RESULTS, [1.0, 0.75, 0.5], k_max=5, other=other, other_label="plain")
     assert out["trained_with_stochastic_depth"] and out["survival_probs"] == [1.0, 0.75, 0.5]
     assert [r["deleted"] for r in out["survival"]] == [0, 1, 2, 3]  # k_max capped at n = 3
     assert [r["all_paths"] for r in out["survival"]] == [1.0, 0.5, 0.25, 0.125]
@@ -94,6 +94,6 @@ def test_stochastic_depth_aggregates_this_run_and_the_other_runs_file():
     assert out["survival"][1]["effective_gradient"] == pytest.approx(20 / 36)
     assert out["error_vs_k"] == {"this run": [[1, pytest.approx(0.15)], [2, 0.4]], "plain": [[1, 0.7]]}
     assert out["single_deletion_mean_error"] == {"this run": pytest.approx(0.08), "plain": 0.06}
-    alone = stochastic_depth({}, [1.0, 1.0], k_max=1)
+    alone = summarize_stochastic_depth({}, [1.0, 1.0], k_max=1)
     assert not alone["trained_with_stochastic_depth"] and alone["error_vs_k"] == {}
     assert alone["survival"] == [{"deleted": 0, "all_paths": 1.0}, {"deleted": 1, "all_paths": 0.5}]

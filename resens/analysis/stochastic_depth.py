@@ -51,7 +51,7 @@ def compare_deletion(
     return {"error_vs_k": curves, "single_deletion_mean_error": single}
 
 
-def stochastic_depth(
+def summarize_stochastic_depth(
     results: Mapping[str, Any],
     survival_probs: Sequence[float],
     k_max: int,
