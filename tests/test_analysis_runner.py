@@ -5,6 +5,7 @@ from pathlib import Path
 
 import lightning as L
 import pytest
+from lightning.fabric.utilities.rank_zero import rank_zero_only
 
 from callbacks import (
     REGISTRY,
@@ -87,9 +88,11 @@ class _Module(L.LightningModule):
         self.model = build_model("cifar_resnet", depth=8, width=4, stochastic_depth=0.5)
 
 
-def _trainer(root: Path, rank: int) -> L.Trainer:
+def _trainer(root: Path, rank: int, monkeypatch: pytest.MonkeyPatch) -> L.Trainer:
     """A real Trainer of a 2-process DDP run, as process ``rank`` sees it (nothing launched: the
     analyses below use no collectives)."""
+    # setting the rank sets Lightning's process-wide rank_zero_only.rank: restored after the test
+    monkeypatch.setattr(rank_zero_only, "rank", rank_zero_only.rank)
     trainer = L.Trainer(
         accelerator="cpu", devices=2, strategy="ddp", logger=False, enable_progress_bar=False,
         enable_checkpointing=False, default_root_dir=str(root),
@@ -100,7 +103,7 @@ def _trainer(root: Path, rank: int) -> L.Trainer:
 
 
 @pytest.mark.parametrize("rank", [0, 1])
-def test_compute_runs_on_every_rank_and_report_on_rank_zero_only(tmp_path, rank):
+def test_compute_runs_on_every_rank_and_report_on_rank_zero_only(tmp_path, rank, monkeypatch):
     reported = []
 
     class Probe(Analysis):
@@ -119,7 +122,7 @@ def test_compute_runs_on_every_rank_and_report_on_rank_zero_only(tmp_path, rank)
     module = _Module()
     probs = [b.survival_prob for b in module.model.blocks]
     assert len(probs) == 3 and probs[-1] == 0.5
-    ctx = runner.run(_trainer(tmp_path, rank), module)
+    ctx = runner.run(_trainer(tmp_path, rank, monkeypatch), module)
     # every rank computed and recorded every result: later analyses read them on every rank
     assert set(ctx.results) == {"path_lengths", "stochastic_depth", "probe"}
     assert ctx.results["probe"] == probs
