@@ -7,6 +7,7 @@ import pytest
 from resens.analysis import summary
 from resens.analysis.paths import effective_path_survival
 from resens.analysis.stochastic_depth import summarize_stochastic_depth
+from resens.demo import summarize
 
 RESULTS = {
     "baseline_error": 0.05,
@@ -97,3 +98,14 @@ def test_stochastic_depth_aggregates_this_run_and_the_other_runs_file():
     alone = summarize_stochastic_depth({}, [1.0, 1.0], k_max=1)
     assert not alone["trained_with_stochastic_depth"] and alone["error_vs_k"] == {}
     assert alone["survival"] == [{"deleted": 0, "all_paths": 1.0}, {"deleted": 1, "all_paths": 0.5}]
+
+
+def test_demo_summary_prints_the_same_numbers():
+    text = summarize({"ResNet": RESULTS, "plain": {"baseline_error": 0.2}})
+    lines = {line[:44].strip(): line[44:].split() for line in text.splitlines()}
+    assert lines["delete 1 block: mean error (%)"] == ["8.0", "-"]
+    assert lines["delete 1 block: worst error (%)"] == ["10.0", "-"]  # not the downsampling block's 90
+    assert lines["delete 1 random blocks: mean error (%)"] == ["15.0", "-"]
+    assert lines["1 random swaps: mean error (%)"] == ["20.0", "-"]
+    assert "ResNet: gradient norm 8 at path length 1 → 1 at 3 (×0.35 per block)" in text
+    assert "ResNet: effective paths are 1–2 blocks long: 93% of the gradient from 75% of the paths" in text
