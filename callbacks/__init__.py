@@ -1,29 +1,46 @@
-"""Thin Lightning callbacks that run the paper's analyses (``resens.analysis``) and log them."""
+"""Thin classes that run the paper's analyses (``resens.analysis``) and log them, and the one
+Lightning callback that runs them (``AnalysisRunner``).
+
+Each analysis is registered with ``@register_analysis`` under a name listed in
+``resens.analysis.catalog`` (which ``analysis.run`` is validated against). It declares the
+analyses it ``requires`` and those it ``uses``; the run order follows those declarations, never
+the order of ``analysis.run``. A run that switches off an analysis another one requires is
+refused with a one-line ``ConfigError`` before training starts: required analyses are not run
+implicitly, so what a run costs is what its config lists.
+
+To add an analysis: its name in ``resens.analysis.catalog.ANALYSES``, its maths in
+``resens/analysis``, and a registered class here (in a new module: one more import below).
+"duplication" is listed in the catalog but has no class yet: its place is a ``Duplication`` class
+in ``callbacks/duplication.py``, imported here; until then ``analysis.run`` may name it and it is
+skipped.
+"""
 
 from __future__ import annotations
 
 from omegaconf import DictConfig
 
-from callbacks.base import AnalysisCallback
+from callbacks.base import REGISTRY, Analysis, AnalysisContext, AnalysisRunner, register_analysis
 from callbacks.deletion import MultiDeletion, Reorder, SingleDeletion
 from callbacks.paths import EffectivePaths, PathGradient, PathLengths, StochasticDepth
-
-REGISTRY: dict[str, type[AnalysisCallback]] = {
-    c.name: c
-    for c in (SingleDeletion, MultiDeletion, Reorder, PathLengths, PathGradient, EffectivePaths, StochasticDepth)
-}
+from resens.analysis.catalog import run_order
 
 
-def build_analysis_callbacks(cfg: DictConfig) -> list[AnalysisCallback]:
-    """One callback per name in ``cfg.analysis.run``, in the canonical order (later analyses
-    read earlier results: effective paths need path gradients)."""
-    from resens.config import ANALYSES
+def analysis_order(run: list[str]) -> list[str]:
+    """The registered analyses among ``run`` (``analysis.run``), dependencies first; raises
+    ``ConfigError`` when one of them requires an analysis that ``run`` leaves out."""
+    requires = {name: cls.requires for name, cls in REGISTRY.items()}
+    uses = {name: cls.uses for name, cls in REGISTRY.items()}
+    return [name for name in run_order(run, requires, uses) if name in REGISTRY]
 
-    wanted = set(cfg.analysis.run)
-    return [REGISTRY[name](cfg.analysis) for name in ANALYSES if name in wanted and name in REGISTRY]
+
+def build_analysis_callbacks(cfg: DictConfig) -> list[AnalysisRunner]:
+    """The callback that runs the analyses of ``cfg.analysis.run`` (none if it is empty)."""
+    names = analysis_order(list(cfg.analysis.run))
+    return [AnalysisRunner([REGISTRY[name](cfg.analysis) for name in names])] if names else []
 
 
 __all__ = [
-    "AnalysisCallback", "EffectivePaths", "MultiDeletion", "PathGradient", "PathLengths", "Reorder",
-    "SingleDeletion", "StochasticDepth", "build_analysis_callbacks",
+    "REGISTRY", "Analysis", "AnalysisContext", "AnalysisRunner", "EffectivePaths", "MultiDeletion",
+    "PathGradient", "PathLengths", "Reorder", "SingleDeletion", "StochasticDepth", "analysis_order",
+    "build_analysis_callbacks", "register_analysis",
 ]

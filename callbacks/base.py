@@ -1,15 +1,19 @@
-"""What every analysis callback shares: when it runs, which data it sees, where results go.
+"""What every analysis shares: the registry, the runner, which data it sees, where results go.
 
-An analysis runs at the end of training (``on_train_end``, while the model is still on its
-device) and at the end of ``trainer.test`` (``resens.analyze``). Every rank computes on its
-shard of the test set, counts are summed across ranks, and global rank 0 writes
-``analysis.json``, the PNG figures and the W&B tables.
+An analysis is a class registered with ``@register_analysis``: ``compute`` runs on every rank
+(it may use collectives: each rank measures its shard of the test set and counts are summed
+across ranks) and records its results with ``ctx.write``; ``report`` runs on global rank 0 only
+and turns them into tables, figures and W&B logs. One Lightning callback, ``AnalysisRunner``,
+runs the analyses of a run in dependency order at the end of training (``on_train_end``, while
+the model is still on its device) and at the end of ``trainer.test`` (``resens.analyze``); after
+each one, rank 0 writes ``analysis.json`` and the headline numbers to the W&B summary.
 """
 
 from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,12 +25,15 @@ from omegaconf import DictConfig
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from resens.analysis import summary
+from resens.analysis.catalog import analysis_names
+
 # Cache the test set in memory when it is at most this many bytes (CIFAR-10: 123 MB).
 CACHE_BYTES = 4 << 30
 
 
 class AnalysisContext:
-    """Per-trainer state shared by the analysis callbacks of one run."""
+    """What the analyses of one run share: their results so far, the test shard, the loggers."""
 
     def __init__(self, trainer: L.Trainer) -> None:
         self.trainer = trainer
@@ -69,14 +76,18 @@ class AnalysisContext:
         return self.trainer.strategy.reduce(tensor.to(device), reduce_op="sum").cpu()
 
     def write(self, key: str, value: Any) -> None:
-        """Add ``key`` to ``analysis.json`` in the run folder (rank 0 only)."""
+        """Record ``value`` (plain JSON: numbers, strings, lists, dicts) as ``analysis.json``'s
+        ``key``, on every rank: later analyses read it from ``ctx.results``."""
         self.results[key] = value
-        if not self.trainer.is_global_zero:
-            return
+
+    def save(self) -> None:
+        """Write the results and timings so far into ``analysis.json`` in the run folder (keys
+        already there and not written again are kept). Rank 0 only."""
         path = self.run_dir / "analysis.json"
         data = json.loads(path.read_text()) if path.is_file() else {}
-        data[key] = value
+        data.update(self.results)
         data.setdefault("timings_s", {}).update(self.timings)
+        path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(data, indent=1))
         tmp.replace(path)  # never a half-written analysis.json
@@ -89,7 +100,7 @@ class AnalysisContext:
 
     def log_table(self, name: str, columns: list[str], rows: list[list[Any]], line: tuple[str, str] | None = None, title: str = "") -> None:
         """A W&B table under ``analysis/<name>``, plus a native line plot of two of its columns."""
-        run = self.wandb() if self.trainer.is_global_zero else None
+        run = self.wandb()
         if run is None:
             return
         import wandb
@@ -102,8 +113,6 @@ class AnalysisContext:
 
     def log_figure(self, name: str, fig) -> None:
         """Save ``fig`` as ``<run>/figures/<name>.png`` and log it to W&B."""
-        if not self.trainer.is_global_zero:
-            return
         import matplotlib.pyplot as plt
 
         out = self.run_dir / "figures" / f"{name.replace('/', '_')}.png"
@@ -117,7 +126,8 @@ class AnalysisContext:
         plt.close(fig)
 
     def log_summary(self, values: dict[str, float]) -> None:
-        run = self.wandb() if self.trainer.is_global_zero else None
+        """Set ``analysis/<key>`` in the W&B run summary for each of ``values``."""
+        run = self.wandb()
         if run is not None:
             for k, v in values.items():
                 run.summary[f"analysis/{k}"] = v
@@ -157,44 +167,81 @@ class ProgressBar:
             self._tqdm.close()
 
 
-def context(trainer: L.Trainer) -> AnalysisContext:
-    ctx = getattr(trainer, "_resens_analysis", None)
-    if ctx is None:
-        ctx = AnalysisContext(trainer)
-        trainer._resens_analysis = ctx
-    return ctx
+class Analysis:
+    """One analysis of the paper; subclasses set ``name`` (one of
+    ``resens.analysis.catalog.analysis_names()``), implement ``compute`` and ``report``, and are
+    registered with ``@register_analysis``.
 
-
-class AnalysisCallback(L.Callback):
-    """Runs ``compute`` on every rank and ``report`` on rank 0; subclasses set ``name``."""
+    ``requires``: analyses whose results ``compute`` needs; they run first, and a run that
+    switches one of them off is refused (``ConfigError``) rather than silently missing a result.
+    ``uses``: analyses whose results ``compute`` reads when they ran; they run first when on.
+    """
 
     name: str = ""
+    requires: tuple[str, ...] = ()
+    uses: tuple[str, ...] = ()
 
     def __init__(self, cfg: DictConfig) -> None:
         self.cfg = cfg  # the ``analysis`` section of the run config
 
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._run(trainer, pl_module)
-
-    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._run(trainer, pl_module)
-
-    def _run(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        ctx = context(trainer)
-        start = time.perf_counter()
-        # trainer.test runs its hooks in inference mode; path gradients need autograd.
-        with torch.inference_mode(False), torch.enable_grad():
-            result = self.compute(ctx, pl_module.model, pl_module.device)
-        ctx.timings[self.name] = round(time.perf_counter() - start, 3)
-        if result is not None:
-            self.report(ctx, pl_module.model, result)
-
     def compute(self, ctx: AnalysisContext, model: torch.nn.Module, device: torch.device) -> Any:
+        """Every rank, with autograd on: measure, sum across ranks, ``ctx.write`` the results.
+        Returns what ``report`` needs, or None when the analysis does not apply to ``model``."""
         raise NotImplementedError
 
     def report(self, ctx: AnalysisContext, model: torch.nn.Module, result: Any) -> None:
+        """Global rank 0 only: tables, figures and W&B logs of ``compute``'s ``result``."""
         raise NotImplementedError
 
     def generator(self, offset: int = 0) -> torch.Generator:
         """A seeded generator, the same on every rank."""
         return torch.Generator().manual_seed(self.cfg.seed + offset)
+
+
+REGISTRY: dict[str, type[Analysis]] = {}
+
+
+def register_analysis(cls: type[Analysis]) -> type[Analysis]:
+    """Class decorator: make ``cls`` the analysis run for ``cls.name`` in ``analysis.run``."""
+    known = analysis_names()
+    if cls.name not in known:
+        raise ValueError(f"{cls.__name__}.name '{cls.name}' is not listed in resens.analysis.catalog")
+    if cls.name in REGISTRY:
+        raise ValueError(f"analysis '{cls.name}' is registered twice ({REGISTRY[cls.name].__name__}, {cls.__name__})")
+    unknown = [d for d in (*cls.requires, *cls.uses) if d not in known]
+    if unknown:
+        raise ValueError(f"{cls.__name__} depends on unknown analysis '{unknown[0]}'")
+    REGISTRY[cls.name] = cls
+    return cls
+
+
+class AnalysisRunner(L.Callback):
+    """Runs ``analyses`` in the given order (dependencies first) when training or testing ends:
+    ``compute`` on every rank, then on global rank 0 ``report``, the headline numbers
+    (``resens.analysis.summary.headline``) to the W&B summary and ``analysis.json``."""
+
+    def __init__(self, analyses: Sequence[Analysis]) -> None:
+        self.analyses = list(analyses)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.run(trainer, pl_module)
+
+    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.run(trainer, pl_module)
+
+    def run(self, trainer: L.Trainer, pl_module: L.LightningModule) -> AnalysisContext:
+        """Run every analysis on ``pl_module.model``; returns the context with the results."""
+        ctx = AnalysisContext(trainer)
+        model, device = pl_module.model, pl_module.device
+        for analysis in self.analyses:
+            start = time.perf_counter()
+            # trainer.test runs its hooks in inference mode; path gradients need autograd.
+            with torch.inference_mode(False), torch.enable_grad():
+                result = analysis.compute(ctx, model, device)
+            ctx.timings[analysis.name] = round(time.perf_counter() - start, 3)
+            if trainer.is_global_zero:
+                if result is not None:
+                    analysis.report(ctx, model, result)
+                ctx.log_summary(summary.headline(ctx.results))
+                ctx.save()
+        return ctx

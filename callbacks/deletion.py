@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from callbacks.base import AnalysisCallback, AnalysisContext
+from callbacks.base import Analysis, AnalysisContext, register_analysis
 from resens.analysis import plots, reference, variants
 from resens.models import stage_of_blocks
 
@@ -25,7 +25,8 @@ def _reference(cfg):
     return cfg.reference if cfg.reference in reference.NAMES else None
 
 
-class SingleDeletion(AnalysisCallback):
+@register_analysis
+class SingleDeletion(Analysis):
     """Test error with each block deleted in turn (its shortcut kept). A plain network's blocks
     that change the shape cannot be deleted and are left out."""
 
@@ -41,23 +42,17 @@ class SingleDeletion(AnalysisCallback):
             {"block": i, "stage": stages[i], "downsampling": bool(model.blocks[i].downsampling), "error": e}
             for i, e in zip(blocks, errors[1:])
         ]
+        ctx.write("baseline_error", errors[0])
+        ctx.write(self.name, rows)
         return errors[0], rows
 
     def report(self, ctx, model, result):
         baseline, rows = result
-        ctx.write("baseline_error", baseline)
-        ctx.write(self.name, rows)
         ctx.log_table(
             "deletion/single", ["block", "stage", "downsampling", "error"],
             [[r["block"], r["stage"], r["downsampling"], r["error"]] for r in rows],
             line=("block", "error"), title="error with one block deleted",
         )
-        ordinary = [r["error"] for r in rows if not r["downsampling"]] or [float("nan")]
-        ctx.log_summary({
-            "baseline_error": baseline,
-            "deletion/single/mean_error": sum(ordinary) / len(ordinary),
-            "deletion/single/max_error": max(r["error"] for r in rows),
-        })
         ref = _reference(self.cfg)
         fig = plots.single_deletion(
             {"this run": {"baseline_error": baseline, "single_deletion": rows}},
@@ -67,10 +62,12 @@ class SingleDeletion(AnalysisCallback):
         ctx.log_figure("deletion/single", fig)
 
 
-class MultiDeletion(AnalysisCallback):
+@register_analysis
+class MultiDeletion(Analysis):
     """Test error with k random blocks deleted, k = 1..k_max, ``trials`` random sets per k."""
 
     name = "multi_deletion"
+    uses = ("single_deletion",)
 
     def compute(self, ctx, model, device):
         c = self.cfg.multi_deletion
@@ -85,12 +82,13 @@ class MultiDeletion(AnalysisCallback):
         n = len(model.blocks)
         vs = [variants.intact(n)] + [variants.deletion_variant(n, b) for _, b in sets]
         errors = variant_errors(ctx, self.cfg, model, device, vs, "deleting k blocks")
-        return errors[0], [{"k": k, "blocks": b, "error": e} for (k, b), e in zip(sets, errors[1:])]
-
-    def report(self, ctx, model, result):
-        baseline, rows = result
-        ctx.results.setdefault("baseline_error", baseline)
+        rows = [{"k": k, "blocks": b, "error": e} for (k, b), e in zip(sets, errors[1:])]
+        if "baseline_error" not in ctx.results:  # single deletion's, when it ran, stays
+            ctx.write("baseline_error", errors[0])
         ctx.write(self.name, rows)
+        return rows
+
+    def report(self, ctx, model, rows):
         ctx.log_table(
             "deletion/multi", ["k", "blocks", "error"],
             [[r["k"], " ".join(map(str, r["blocks"])), r["error"]] for r in rows],
@@ -100,7 +98,8 @@ class MultiDeletion(AnalysisCallback):
         ctx.log_figure("deletion/multi", plots.multi_deletion(rows, reference.multi_deletion_mean(ref) if ref else None))
 
 
-class Reorder(AnalysisCallback):
+@register_analysis
+class Reorder(Analysis):
     """Test error after k random swaps of same-stage, shape-preserving blocks, k = 1..max_swaps."""
 
     name = "reorder"
@@ -119,13 +118,14 @@ class Reorder(AnalysisCallback):
             for _ in range(trials)
         ]
         errors = variant_errors(ctx, self.cfg, model, device, [o for _, o in orders], "reordering blocks")
-        return [
+        rows = [
             {"swaps": k, "kendall_tau": variants.kendall_tau(o), "order": o, "error": e}
             for (k, o), e in zip(orders, errors)
         ]
+        ctx.write(self.name, rows)
+        return rows
 
     def report(self, ctx, model, rows):
-        ctx.write(self.name, rows)
         ctx.log_table(
             "reorder", ["swaps", "kendall_tau", "error"],
             [[r["swaps"], r["kendall_tau"], r["error"]] for r in rows],

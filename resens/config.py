@@ -17,28 +17,15 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from resens.analysis.catalog import analysis_names
 from resens.errors import ConfigError
 
-ANALYSES = (
-    "single_deletion",
-    "multi_deletion",
-    "reorder",
-    "duplication",
-    "path_lengths",
-    "path_gradient",
-    "effective_paths",
-    "stochastic_depth",
-)
+ANALYSES = analysis_names()  # one registered class per name in callbacks/
 SHORTCUT_POOLS = ("subsample", "avg")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
 LOGGER_MODES = ("online", "offline", "disabled")
 # Keys under ``model`` that configure the training, not the builder.
 NOT_BUILDER_KEYS = ("arch", "channels_last", "compile")
-
-
-def analysis_names() -> tuple[str, ...]:
-    """The analyses ``analysis.run`` may name: the one place validation reads them from."""
-    return ANALYSES
 
 
 @dataclass

@@ -10,22 +10,14 @@ import argparse
 import json
 import math
 import sys
-from collections import defaultdict
 from pathlib import Path
 
 from resens import config as config_lib
-from resens.analysis import plots
+from resens.analysis import plots, summary
 from resens.errors import ResensError
 from resens.train import train
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
-
-
-def _mean_by(rows: list[dict], key: str) -> dict:
-    groups = defaultdict(list)
-    for r in rows:
-        groups[r[key]].append(r["error"])
-    return {k: sum(v) / len(v) for k, v in sorted(groups.items())}
 
 
 def summarize(results: dict[str, dict]) -> str:
@@ -38,38 +30,31 @@ def summarize(results: dict[str, dict]) -> str:
         lines.append(f"{title:44s}" + "".join(f"{v:>14s}" for v in values))
 
     def pct(x: float | None) -> str:
-        return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}"
+        return "-" if x is None or math.isnan(x) else f"{100 * x:.1f}"
 
     row("test error, intact (%)", [pct(r.get("baseline_error")) for r in results.values()])
-    single = {}
+    row("delete 1 block: mean error (%)", [pct(summary.single_deletion_mean_error(r)) for r in results.values()])
+    row("delete 1 block: worst error (%)", [pct(summary.single_deletion_max_error(r)) for r in results.values()])
+    by_k = {label: summary.multi_deletion_mean_error(r) for label, r in results.items()}
+    for k in sorted({k for m in by_k.values() for k in m} & {1, 2, 5, 10, 15, 20}):
+        row(f"delete {k} random blocks: mean error (%)", [pct(m.get(k)) for m in by_k.values()])
+    by_swaps = {label: summary.reorder_mean_error(r) for label, r in results.items()}
+    for s in sorted({s for m in by_swaps.values() for s in m} & {1, 5, 10}):
+        row(f"{s} random swaps: mean error (%)", [pct(m.get(s)) for m in by_swaps.values()])
     for label, r in results.items():
-        ordinary = [x["error"] for x in r.get("single_deletion", []) if not x["downsampling"]]
-        single[label] = ordinary
-    row("delete 1 block: mean error (%)", [pct(sum(v) / len(v)) if v else "-" for v in single.values()])
-    row("delete 1 block: worst error (%)", [pct(max(v)) if v else "-" for v in single.values()])
-    ks = sorted({x["k"] for r in results.values() for x in r.get("multi_deletion", [])})
-    for k in [k for k in ks if k in (1, 2, 5, 10, 15, 20)]:
-        row(f"delete {k} random blocks: mean error (%)",
-            [pct(_mean_by(r.get("multi_deletion", []), "k").get(k)) for r in results.values()])
-    swaps = sorted({x["swaps"] for r in results.values() for x in r.get("reorder", [])})
-    for s in [s for s in swaps if s in (1, 5, 10)]:
-        row(f"{s} random swaps: mean error (%)",
-            [pct(_mean_by(r.get("reorder", []), "swaps").get(s)) for r in results.values()])
-    for label, r in results.items():
-        grad = [g for g in r.get("path_gradient", []) if g["samples"] > 0 and g["mean_norm"] > 0]
-        if len(grad) >= 2:
-            first, last = grad[0], grad[-1]
-            rate = (math.log(first["mean_norm"]) - math.log(last["mean_norm"])) / (last["length"] - first["length"])
+        ends = summary.gradient_ends(r)
+        if ends is not None:
+            first, last = ends
             lines.append(
                 f"{label}: gradient norm {first['mean_norm']:.3g} at path length {first['length']} → "
-                f"{last['mean_norm']:.3g} at {last['length']} (×{math.exp(-rate):.2f} per block)"
+                f"{last['mean_norm']:.3g} at {last['length']} (×{summary.gradient_decay_per_block(r):.2f} per block)"
             )
-        eff = r.get("effective_paths")
-        if eff:
-            lo, hi = eff["lengths"]
+        lo_hi = summary.effective_range(r)
+        if lo_hi is not None:
+            share_of_gradient, share_of_paths = summary.effective_shares(r)
             lines.append(
-                f"{label}: effective paths are {lo}–{hi} blocks long: {100 * eff['share_of_gradient']:.0f}% "
-                f"of the gradient from {100 * eff['share_of_paths']:.3g}% of the paths"
+                f"{label}: effective paths are {lo_hi[0]}–{lo_hi[1]} blocks long: {100 * share_of_gradient:.0f}% "
+                f"of the gradient from {100 * share_of_paths:.3g}% of the paths"
             )
     return "\n".join(lines)
 

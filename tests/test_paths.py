@@ -353,6 +353,12 @@ def test_gradient_by_length_protocol():
         naive = P.path_gradient_norms_naive(model, xb, yb, paths).view(3, share)
         torch.testing.assert_close(out.norms[:, done : done + share], naive, rtol=1e-9, atol=0)
         done += share
+    # Two processes: each measures its batches (j mod 2), zeros elsewhere; the sum is the whole.
+    ranks = [P.path_gradient_by_length(model, batches, [0, 1, 3], 5, 0, rank=r, world=2) for r in (0, 1)]
+    assert (ranks[0].norms[:, 2:4] == 0).all() and (ranks[1].norms[:, [0, 1, 4]] == 0).all()
+    assert torch.equal(ranks[0].norms + ranks[1].norms, out.norms)
+    with pytest.raises(ValueError):
+        P.path_gradient_by_length(model, batches, [0], 5, 0, rank=2, world=2)
 
 
 @pytest.mark.parametrize("slab", [1, 300, 5000])

@@ -6,7 +6,6 @@ and shown as percentages.
 
 from __future__ import annotations
 
-from collections import defaultdict
 from collections.abc import Mapping, Sequence
 
 import matplotlib
@@ -15,6 +14,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
+
+from resens.analysis import summary  # noqa: E402
 
 PAPER = dict(color="0.55", linestyle="--", marker="", label="Veit et al. 2016")
 
@@ -50,12 +51,12 @@ def single_deletion(
     return fig
 
 
-def _mean_std(xs: Sequence[float], ys: Sequence[float]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    groups: dict[float, list[float]] = defaultdict(list)
-    for x, y in zip(xs, ys):
-        groups[x].append(y)
-    keys = np.array(sorted(groups))
-    return keys, np.array([np.mean(groups[k]) for k in keys]), np.array([np.std(groups[k]) for k in keys])
+def _mean_std(rows: Sequence[Mapping], key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The values of ``row[key]``, and the mean and std of the errors (%) at each."""
+    groups = summary.errors_by(rows, key)
+    means = summary.mean_error_by(rows, key)
+    keys = np.array(list(groups))
+    return keys, _pct([means[k] for k in groups]), _pct([np.std(groups[k]) for k in groups])
 
 
 def multi_deletion(rows: Sequence[Mapping], reference: Mapping[int, float] | None = None, label: str = "") -> Figure:
@@ -64,7 +65,7 @@ def multi_deletion(rows: Sequence[Mapping], reference: Mapping[int, float] | Non
     k = [r["k"] for r in rows]
     err = _pct([r["error"] for r in rows])
     ax.scatter(k, err, s=4, alpha=0.25, color="C0")
-    ks, mean, std = _mean_std(k, err)
+    ks, mean, std = _mean_std(rows, "k")
     ax.errorbar(ks, mean, yerr=std, color="C0", marker="o", ms=3, capsize=2, label=label or "mean ± std")
     if reference:
         rk = sorted(reference)
@@ -80,7 +81,7 @@ def reorder(rows: Sequence[Mapping], reference: Mapping[int, float] | None = Non
     swaps = [r["swaps"] for r in rows]
     err = _pct([r["error"] for r in rows])
     a.scatter(swaps, err, s=4, alpha=0.25)
-    xs, mean, std = _mean_std(swaps, err)
+    xs, mean, std = _mean_std(rows, "swaps")
     a.errorbar(xs, mean, yerr=std, marker="o", ms=3, capsize=2, label="mean ± std")
     if reference:
         rk = sorted(reference)
@@ -136,7 +137,8 @@ def stochastic_depth(result: Mapping) -> Figure:
     rows = result["survival"]
     d = [r["deleted"] for r in rows]
     ax.plot(d, [r["all_paths"] for r in rows], "o-", ms=3, label="all paths")
-    ax.plot(d, [r["effective_paths"] for r in rows], "s-", ms=3, label="effective paths")
+    if "effective_paths" in rows[0]:  # measured when the effective paths were
+        ax.plot(d, [r["effective_paths"] for r in rows], "s-", ms=3, label="effective paths")
     ax.set(xlabel="blocks deleted", ylabel="fraction surviving", title="Paths surviving deletion", yscale="log")
     ax.legend(fontsize=8)
     if curves:

@@ -1,0 +1,133 @@
+"""The headline numbers of a run, each defined once, read from an ``analysis.json``-like dict.
+
+``results`` maps analysis keys to what the analyses wrote (plain JSON values): ``baseline_error``
+(a fraction), ``single_deletion`` (rows ``{"block", "downsampling", "error", ...}``),
+``multi_deletion`` (rows ``{"k", "error", ...}``), ``reorder`` (rows ``{"swaps", "error", ...}``),
+``path_gradient`` (rows ``{"length", "samples", "mean_norm", ...}``) and ``effective_paths``
+(``{"lengths": [lo, hi], "share_of_gradient", "share_of_paths", ...}``). Errors are fractions
+(0..1). A number whose analysis did not run is NaN (or absent from :func:`headline`).
+
+The W&B summaries of the callbacks, the demo's ``summary.txt`` and the figures all read these.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+NAN = float("nan")
+Results = Mapping[str, Any]
+Rows = Sequence[Mapping[str, Any]]
+
+
+def _mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values) if values else NAN
+
+
+def single_deletion_errors(results: Results) -> dict[int, float]:
+    """Error with each block deleted, block -> error, over the blocks that are not downsampling:
+    deleting a downsampling block removes a change of shape, not one path of many, so the paper's
+    means (and maxima) leave them out."""
+    return {r["block"]: r["error"] for r in results.get("single_deletion") or () if not r["downsampling"]}
+
+
+def single_deletion_mean_error(results: Results) -> float:
+    """Mean error over :func:`single_deletion_errors`' blocks (NaN if none)."""
+    return _mean(list(single_deletion_errors(results).values()))
+
+
+def single_deletion_max_error(results: Results) -> float:
+    """Worst error over the same blocks as :func:`single_deletion_mean_error` (NaN if none)."""
+    errors = single_deletion_errors(results).values()
+    return max(errors) if errors else NAN
+
+
+def errors_by(rows: Rows, key: str) -> dict[Any, list[float]]:
+    """The errors of ``rows`` grouped by ``row[key]``, keys in increasing order."""
+    groups: dict[Any, list[float]] = defaultdict(list)
+    for r in rows:
+        groups[r[key]].append(r["error"])
+    return dict(sorted(groups.items()))
+
+
+def mean_error_by(rows: Rows, key: str) -> dict[Any, float]:
+    """Mean error of ``rows`` for each value of ``row[key]``, keys in increasing order."""
+    return {k: _mean(v) for k, v in errors_by(rows, key).items()}
+
+
+def multi_deletion_mean_error(results: Results) -> dict[int, float]:
+    """Mean error with k random blocks deleted, k -> error (Veit et al. Fig. 3b)."""
+    return mean_error_by(results.get("multi_deletion") or (), "k")
+
+
+def reorder_mean_error(results: Results) -> dict[int, float]:
+    """Mean error after s random swaps of blocks, s -> error (Veit et al. Fig. 4)."""
+    return mean_error_by(results.get("reorder") or (), "swaps")
+
+
+def gradient_norm_by_length(results: Results, n: int) -> list[float]:
+    """Mean gradient norm of a path of each length 0..n (NaN where not measured), ``[n+1]``: the
+    input of ``resens.analysis.paths.effective_paths``."""
+    out = [NAN] * (n + 1)
+    for r in results.get("path_gradient") or ():
+        out[r["length"]] = r["mean_norm"]
+    return out
+
+
+def gradient_ends(results: Results) -> tuple[Mapping[str, Any], Mapping[str, Any]] | None:
+    """The ``path_gradient`` rows of the shortest and the longest measured length with a positive
+    mean norm, or None when there are fewer than two."""
+    rows = [g for g in results.get("path_gradient") or () if g["samples"] > 0 and g["mean_norm"] > 0]
+    return (rows[0], rows[-1]) if len(rows) >= 2 else None
+
+
+def gradient_decay_per_block(results: Results) -> float:
+    """The factor by which a path's gradient norm shrinks per block it enters: the log-linear
+    rate between the ends of :func:`gradient_ends`, exp((log g_last - log g_first) / (k_last -
+    k_first)). NaN without two measured lengths."""
+    ends = gradient_ends(results)
+    if ends is None:
+        return NAN
+    first, last = ends
+    rate = (math.log(first["mean_norm"]) - math.log(last["mean_norm"])) / (last["length"] - first["length"])
+    return math.exp(-rate)
+
+
+def effective_range(results: Results) -> tuple[int, int] | None:
+    """The lengths (lo, hi) of the effective paths, or None without ``effective_paths``."""
+    eff = results.get("effective_paths")
+    return (eff["lengths"][0], eff["lengths"][1]) if eff else None
+
+
+def effective_shares(results: Results) -> tuple[float, float]:
+    """(share of the gradient, share of the paths) the effective range holds; NaNs without it."""
+    eff = results.get("effective_paths")
+    return (eff["share_of_gradient"], eff["share_of_paths"]) if eff else (NAN, NAN)
+
+
+def headline(results: Results) -> dict[str, float]:
+    """Every headline number that ``results`` holds, under flat keys (W&B summary names below
+    ``analysis/``): ``baseline_error``, ``deletion/single/{mean,max}_error``,
+    ``deletion/multi/mean_error_k{k}``, ``reorder/mean_error_swaps{s}``,
+    ``paths/gradient/decay_per_block``, ``paths/effective/{lo,hi,share_of_gradient,share_of_paths}``."""
+    out: dict[str, float] = {}
+    if "baseline_error" in results:
+        out["baseline_error"] = results["baseline_error"]
+    if single_deletion_errors(results):
+        out["deletion/single/mean_error"] = single_deletion_mean_error(results)
+        out["deletion/single/max_error"] = single_deletion_max_error(results)
+    for k, e in multi_deletion_mean_error(results).items():
+        out[f"deletion/multi/mean_error_k{k}"] = e
+    for s, e in reorder_mean_error(results).items():
+        out[f"reorder/mean_error_swaps{s}"] = e
+    if gradient_ends(results) is not None:
+        out["paths/gradient/decay_per_block"] = gradient_decay_per_block(results)
+    lo_hi = effective_range(results)
+    if lo_hi is not None:
+        out["paths/effective/lo"], out["paths/effective/hi"] = lo_hi
+        share_of_gradient, share_of_paths = effective_shares(results)
+        out["paths/effective/share_of_gradient"] = share_of_gradient
+        out["paths/effective/share_of_paths"] = share_of_paths
+    return out
