@@ -10,9 +10,6 @@ implicitly, so what a run costs is what its config lists.
 
 To add an analysis: its name in ``resens.analysis.catalog.ANALYSES``, its maths in
 ``resens/analysis``, and a registered class here (in a new module: one more import below).
-"duplication" is listed in the catalog but has no class yet: its place is a ``Duplication`` class
-in ``callbacks/duplication.py``, imported here; until then ``analysis.run`` may name it and it is
-skipped.
 """
 
 from __future__ import annotations
@@ -20,7 +17,7 @@ from __future__ import annotations
 from omegaconf import DictConfig
 
 from callbacks.base import REGISTRY, Analysis, AnalysisContext, AnalysisRunner, register_analysis
-from callbacks.deletion import MultiDeletion, Reorder, SingleDeletion
+from callbacks.deletion import Duplication, MultiDeletion, Reorder, SingleDeletion
 from callbacks.paths import EffectivePaths, PathGradient, PathLengths, StochasticDepth
 from resens.analysis.catalog import run_order
 
@@ -40,7 +37,7 @@ def build_analysis_callbacks(cfg: DictConfig) -> list[AnalysisRunner]:
 
 
 __all__ = [
-    "REGISTRY", "Analysis", "AnalysisContext", "AnalysisRunner", "EffectivePaths", "MultiDeletion",
+    "REGISTRY", "Analysis", "AnalysisContext", "AnalysisRunner", "Duplication", "EffectivePaths", "MultiDeletion",
     "PathGradient", "PathLengths", "Reorder", "SingleDeletion", "StochasticDepth", "analysis_order",
     "build_analysis_callbacks", "register_analysis",
 ]

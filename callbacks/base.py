@@ -21,12 +21,14 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.loggers import WandbLogger
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from resens.analysis import summary
+from resens.analysis import reference, summary
 from resens.analysis.catalog import analysis_names
+from resens.analysis.protocol import LesionProtocol, resolve_protocol
+from resens.analysis.reference import Overlay
 
 # Cache the test set in memory when it is at most this many bytes (CIFAR-10: 123 MB).
 CACHE_BYTES = 4 << 30
@@ -35,11 +37,45 @@ CACHE_BYTES = 4 << 30
 class AnalysisContext:
     """What the analyses of one run share: their results so far, the test shard, the loggers."""
 
-    def __init__(self, trainer: L.Trainer) -> None:
+    def __init__(self, trainer: L.Trainer, cfg: DictConfig | None = None) -> None:
         self.trainer = trainer
+        self.cfg = cfg  # the whole run config, when the module carries one
         self.results: dict[str, Any] = {}
         self.timings: dict[str, float] = {}
         self._test_batches: list[tuple[Tensor, Tensor]] | None = None
+        self._protocol: LesionProtocol | None = None
+
+    def protocol(self, model: torch.nn.Module) -> LesionProtocol:
+        """The blocks each lesion may touch: the model family's rules (the authors'), with the
+        overrides of ``analysis.protocol``; resolved once and recorded in ``analysis.json``."""
+        if self._protocol is None:
+            p = self.cfg.analysis.protocol if self.cfg is not None else None
+            exclude = None if p is None or p.exclude is None else list(p.exclude)
+            stages = None if p is None or p.reorder_stages is None else list(p.reorder_stages)
+            self._protocol = resolve_protocol(model, exclude, stages)
+            self.write("protocol", {
+                "family": self._protocol.family,
+                "description": self._protocol.describe(),
+                "excluded": list(self._protocol.excluded),
+                "multi_deletion": list(self._protocol.multi_deletion),
+                "reorder_ranges": [list(r) for r in self._protocol.reorder_ranges],
+                "duplication": list(self._protocol.duplication),
+            })
+        return self._protocol
+
+    def overlay(self, analysis: str, model: torch.nn.Module, by: str = "swaps", bin_width: int = 1) -> Overlay | None:
+        """The paper's curve for ``analysis`` compared like for like with this run
+        (``resens.analysis.reference.overlay``), or why it is left off; recorded under
+        ``analysis.json``'s ``overlays``. None when the run names no reference."""
+        if self.cfg is None or self.cfg.analysis.reference is None:
+            return None
+        found = reference.overlay(
+            self.cfg.analysis.reference, analysis, self.protocol(model), OmegaConf.to_container(self.cfg.model),
+            self.cfg.data.name, by, bin_width,
+        )
+        key = analysis if by == "swaps" else f"{analysis}_by_{by}"
+        self.write("overlays", {**self.results.get("overlays", {}), key: found.as_record()})
+        return found
 
     @property
     def run_dir(self) -> Path:
@@ -206,11 +242,11 @@ def register_analysis(cls: type[Analysis]) -> type[Analysis]:
     known = analysis_names()
     if cls.name not in known:
         raise ValueError(f"{cls.__name__}.name '{cls.name}' is not listed in resens.analysis.catalog")
-    if cls.name in REGISTRY:
-        raise ValueError(f"analysis '{cls.name}' is registered twice ({REGISTRY[cls.name].__name__}, {cls.__name__})")
     unknown = [d for d in (*cls.requires, *cls.uses) if d not in known]
     if unknown:
         raise ValueError(f"{cls.__name__} depends on unknown analysis '{unknown[0]}'")
+    if cls.name in REGISTRY:
+        raise ValueError(f"analysis '{cls.name}' is registered twice ({REGISTRY[cls.name].__name__}, {cls.__name__})")
     REGISTRY[cls.name] = cls
     return cls
 
@@ -231,7 +267,7 @@ class AnalysisRunner(L.Callback):
 
     def run(self, trainer: L.Trainer, pl_module: L.LightningModule) -> AnalysisContext:
         """Run every analysis on ``pl_module.model``; returns the context with the results."""
-        ctx = AnalysisContext(trainer)
+        ctx = AnalysisContext(trainer, getattr(pl_module, "cfg", None))
         model, device = pl_module.model, pl_module.device
         for analysis in self.analyses:
             start = time.perf_counter()

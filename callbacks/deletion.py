@@ -1,4 +1,6 @@
-"""Lesion analyses: delete one block, delete k blocks, reorder blocks (Veit et al. Figs. 3-5)."""
+"""Lesion analyses: delete one block, delete k blocks, reorder blocks, duplicate blocks (Veit et
+al. Figs. 3-5). Which blocks each lesion may touch is the run's protocol (``ctx.protocol``); the
+samplers and the engine are ``resens.analysis.variants``."""
 
 from __future__ import annotations
 
@@ -6,8 +8,11 @@ import torch
 from torch import nn
 
 from callbacks.base import Analysis, AnalysisContext, register_analysis
-from resens.analysis import plots, reference, variants
+from resens.analysis import plots, variants
 from resens.models import stage_of_blocks
+
+# Bins of the reorder figure's total displacement, in positions.
+DISPLACEMENT_BIN = 10
 
 
 def variant_errors(ctx: AnalysisContext, cfg, model: nn.Module, device, vs, what: str) -> list[float]:
@@ -21,8 +26,14 @@ def variant_errors(ctx: AnalysisContext, cfg, model: nn.Module, device, vs, what
     return (wrong.double() / total).tolist()
 
 
-def _reference(cfg):
-    return cfg.reference if cfg.reference in reference.NAMES else None
+def _label(ctx: AnalysisContext, model: nn.Module) -> str:
+    """The run, and the protocol it follows, for a figure's legend."""
+    name = ctx.cfg.name if ctx.cfg is not None else "this run"
+    return f"{name}, {ctx.protocol(model).describe()}"
+
+
+def _trials(cfg, trials: int) -> int:
+    return min(trials, 10) if cfg.quick else trials
 
 
 @register_analysis
@@ -34,13 +45,15 @@ class SingleDeletion(Analysis):
 
     def compute(self, ctx, model, device):
         n = len(model.blocks)
-        blocks = [i for i in range(n) if variants.can_delete(model.blocks[i])]
-        vs = [variants.intact(n)] + [variants.deletion_variant(n, [i]) for i in blocks]
+        protocol = ctx.protocol(model)
+        vs = [variants.intact(n)] + [variants.deletion_variant(n, [i]) for i in protocol.single]
         errors = variant_errors(ctx, self.cfg, model, device, vs, "deleting each block")
         stages = stage_of_blocks(model)
+        eligible = set(protocol.multi_deletion)
         rows = [
-            {"block": i, "stage": stages[i], "downsampling": bool(model.blocks[i].downsampling), "error": e}
-            for i, e in zip(blocks, errors[1:])
+            {"block": i, "stage": stages[i], "downsampling": bool(model.blocks[i].downsampling),
+             "eligible": i in eligible, "error": e}
+            for i, e in zip(protocol.single, errors[1:])
         ]
         ctx.write("baseline_error", errors[0])
         ctx.write(self.name, rows)
@@ -53,31 +66,29 @@ class SingleDeletion(Analysis):
             [[r["block"], r["stage"], r["downsampling"], r["error"]] for r in rows],
             line=("block", "error"), title="error with one block deleted",
         )
-        ref = _reference(self.cfg)
         fig = plots.single_deletion(
-            {"this run": {"baseline_error": baseline, "single_deletion": rows}},
-            reference.single_deletion(ref) if ref else None,
-            reference.baseline(ref) if ref else None,
+            {_label(ctx, model): {"baseline_error": baseline, "single_deletion": rows}},
+            ctx.overlay(self.name, model),
         )
         ctx.log_figure("deletion/single", fig)
 
 
 @register_analysis
 class MultiDeletion(Analysis):
-    """Test error with k random blocks deleted, k = 1..k_max, ``trials`` random sets per k."""
+    """Test error with k random distinct blocks deleted, k = 1..k_max, ``trials`` sets per k,
+    drawn uniformly among the blocks the protocol allows."""
 
     name = "multi_deletion"
     uses = ("single_deletion",)
 
     def compute(self, ctx, model, device):
         c = self.cfg.multi_deletion
-        allowed = variants.deletable_blocks(model, c.exclude_downsampling, c.exclude)
-        trials = min(c.trials, 10) if self.cfg.quick else c.trials
+        allowed = list(ctx.protocol(model).multi_deletion)
         g = self.generator(1)
         sets = [
             (k, blocks)
             for k in range(1, min(c.k_max, len(allowed)) + 1)
-            for blocks in variants.sample_deletions(allowed, k, trials, g)
+            for blocks in variants.sample_deletions(allowed, k, _trials(self.cfg, c.trials), g)
         ]
         n = len(model.blocks)
         vs = [variants.intact(n)] + [variants.deletion_variant(n, b) for _, b in sets]
@@ -94,42 +105,88 @@ class MultiDeletion(Analysis):
             [[r["k"], " ".join(map(str, r["blocks"])), r["error"]] for r in rows],
             line=("k", "error"), title="error against blocks deleted",
         )
-        ref = _reference(self.cfg)
-        ctx.log_figure("deletion/multi", plots.multi_deletion(rows, reference.multi_deletion_mean(ref) if ref else None))
+        fig = plots.lesion_curve(rows, ctx.overlay(self.name, model), _label(ctx, model))
+        ctx.log_figure("deletion/multi", fig)
 
 
 @register_analysis
 class Reorder(Analysis):
-    """Test error after k random swaps of same-stage, shape-preserving blocks, k = 1..max_swaps."""
+    """Test error after k random swaps, k = 1..max_swaps, drawn as the authors did: for each
+    swap a range of the protocol uniformly, then two distinct positions in it; the pairs of a
+    trial are distinct. Each trial also records Kendall's tau and the total displacement."""
 
     name = "reorder"
 
     def compute(self, ctx, model, device):
         c = self.cfg.reorder
         n = len(model.blocks)
-        groups = variants.swappable_groups(model, stage_of_blocks(model))
-        if not groups:
+        ranges = ctx.protocol(model).reorder_ranges
+        if not ranges:
             return None
-        trials = min(c.trials, 10) if self.cfg.quick else c.trials
         g = self.generator(2)
-        orders = [
-            (k, variants.sample_swaps(n, groups, k, g)[0])
+        trials = [
+            (k, variants.sample_swaps(ranges, k, g))
             for k in range(1, c.max_swaps + 1)
-            for _ in range(trials)
+            for _ in range(_trials(self.cfg, c.trials))
         ]
-        errors = variant_errors(ctx, self.cfg, model, device, [o for _, o in orders], "reordering blocks")
+        orders = [variants.apply_swaps(n, pairs) for _, pairs in trials]
+        errors = variant_errors(ctx, self.cfg, model, device, orders, "reordering blocks")
         rows = [
-            {"swaps": k, "kendall_tau": variants.kendall_tau(o), "order": o, "error": e}
-            for (k, o), e in zip(orders, errors)
+            {"swaps": k, "pairs": [list(p) for p in pairs], "kendall_tau": variants.kendall_tau(order),
+             "displacement": variants.total_displacement(pairs), "order": order, "error": e}
+            for (k, pairs), order, e in zip(trials, orders, errors)
         ]
         ctx.write(self.name, rows)
         return rows
 
     def report(self, ctx, model, rows):
         ctx.log_table(
-            "reorder", ["swaps", "kendall_tau", "error"],
-            [[r["swaps"], r["kendall_tau"], r["error"]] for r in rows],
+            "reorder", ["swaps", "kendall_tau", "displacement", "error"],
+            [[r["swaps"], r["kendall_tau"], r["displacement"], r["error"]] for r in rows],
             line=("swaps", "error"), title="error against swaps",
         )
-        ref = _reference(self.cfg)
-        ctx.log_figure("reorder", plots.reorder(rows, reference.reorder_mean(ref) if ref else None))
+        fig = plots.reorder(
+            rows, ctx.overlay(self.name, model),
+            ctx.overlay(self.name, model, by="displacement", bin_width=DISPLACEMENT_BIN),
+            _label(ctx, model), DISPLACEMENT_BIN,
+        )
+        ctx.log_figure("reorder", fig)
+
+
+@register_analysis
+class Duplication(Analysis):
+    """Test error with k random distinct blocks each run twice in a row, k = 1..k_max,
+    ``trials`` sets per k, drawn uniformly among the blocks the protocol allows (never one that
+    changes the shape)."""
+
+    name = "duplication"
+
+    def compute(self, ctx, model, device):
+        c = self.cfg.duplication
+        allowed = list(ctx.protocol(model).duplication)
+        if not allowed:
+            return None
+        g = self.generator(3)
+        sets = [
+            (k, blocks)
+            for k in range(1, min(c.k_max, len(allowed)) + 1)
+            for blocks in variants.sample_duplications(allowed, k, _trials(self.cfg, c.trials), g)
+        ]
+        n = len(model.blocks)
+        vs = [variants.duplication_variant(n, b) for _, b in sets]
+        errors = variant_errors(ctx, self.cfg, model, device, vs, "duplicating k blocks")
+        rows = [{"k": k, "blocks": b, "error": e} for (k, b), e in zip(sets, errors)]
+        ctx.write(self.name, rows)
+        return rows
+
+    def report(self, ctx, model, rows):
+        ctx.log_table(
+            "duplication", ["k", "blocks", "error"],
+            [[r["k"], " ".join(map(str, r["blocks"])), r["error"]] for r in rows],
+            line=("k", "error"), title="error against blocks duplicated",
+        )
+        fig = plots.lesion_curve(
+            rows, ctx.overlay(self.name, model), _label(ctx, model),
+            xlabel="number of blocks duplicated (each run twice)", title="Duplicating blocks",
+        )
+        ctx.log_figure("duplication", fig)

@@ -110,9 +110,7 @@ class LoggerConfig:
 @dataclass
 class MultiDeletionConfig:
     k_max: int = 20
-    trials: int = 50  # random block sets per k
-    exclude_downsampling: bool = True  # never delete a block whose shortcut changes the shape
-    exclude: list[int] = field(default_factory=list)  # further blocks never deleted (0-based)
+    trials: int = 50  # random block sets per k (which blocks: analysis.protocol)
 
 
 @dataclass
@@ -350,7 +348,7 @@ def _check_analysis(a: DictConfig) -> None:
         "path_gradient.batch_size path_gradient.batches path_gradient.lengths",
         1,
     )
-    _at_least(a, "analysis", "multi_deletion.exclude protocol.exclude protocol.reorder_stages", 0)
+    _at_least(a, "analysis", "protocol.exclude protocol.reorder_stages", 0)
 
 
 def _check_paths(cfg: DictConfig) -> None:

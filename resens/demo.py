@@ -42,6 +42,14 @@ def summarize(results: dict[str, dict]) -> str:
     for s in sorted({s for m in by_swaps.values() for s in m} & {1, 5, 10}):
         row(f"{s} random swaps: mean error (%)", [pct(m.get(s)) for m in by_swaps.values()])
     for label, r in results.items():
+        protocol = (r.get("protocol") or {}).get("description", "-")
+        compared = sorted({o["compared_with"] for o in (r.get("overlays") or {}).values() if o["compared_with"]})
+        lines.append(
+            f"{label}: lesions follow the {protocol}; compared with the paper: "
+            + ("; ".join(compared) if compared else "nothing (the authors measured pre-act ResNet-110 on "
+               "CIFAR-10 and ResNet-200 on ImageNet, not this network and data)")
+        )
+    for label, r in results.items():
         ends = summary.gradient_ends(r)
         if ends is not None:
             first, last = ends

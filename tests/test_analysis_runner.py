@@ -45,7 +45,7 @@ def test_register_analysis_refuses_unknown_and_duplicate_names():
     for cls, needle in ((Unknown, "not listed"), (Twice, "registered twice"), (BadDependency, "unknown analysis")):
         with pytest.raises(ValueError, match=needle):
             register_analysis(cls)
-    assert "duplication" not in REGISTRY and REGISTRY["single_deletion"].__name__ == "SingleDeletion"
+    assert REGISTRY["duplication"].__name__ == "Duplication" and REGISTRY["single_deletion"].__name__ == "SingleDeletion"
 
 
 def test_order_follows_the_declared_dependencies_not_the_order_of_analysis_run():
@@ -54,12 +54,11 @@ def test_order_follows_the_declared_dependencies_not_the_order_of_analysis_run()
     assert expected == forward
     assert analysis_order(forward[::-1]) == expected
     assert analysis_order(["stochastic_depth", "path_lengths", "reorder"]) == ["reorder", "path_lengths", "stochastic_depth"]
-    # an analysis listed in the catalog without a class yet is skipped
-    assert analysis_order(["duplication", "reorder"]) == ["reorder"]
-    cfg = config.load(None, ["analysis.run=[effective_paths,single_deletion,path_gradient]"])
+    assert analysis_order(["duplication", "reorder"]) == ["reorder", "duplication"]
+    cfg = config.load(None, ["data.name=synthetic", "analysis.run=[effective_paths,single_deletion,path_gradient]"])
     (runner,) = build_analysis_callbacks(cfg)
     assert [a.name for a in runner.analyses] == ["single_deletion", "path_gradient", "effective_paths"]
-    assert build_analysis_callbacks(config.load(None, ["analysis.run=[]"])) == []
+    assert build_analysis_callbacks(config.load(None, ["data.name=synthetic", "analysis.run=[]"])) == []
 
 
 def test_run_order_puts_what_is_used_first_when_it_runs_and_refuses_cycles():
@@ -73,7 +72,7 @@ def test_run_order_puts_what_is_used_first_when_it_runs_and_refuses_cycles():
 
 def test_a_required_analysis_switched_off_is_refused_in_one_line_before_training(tmp_path):
     with pytest.raises(ConfigError) as err:
-        build_analysis_callbacks(config.load(None, ["analysis.run=[single_deletion,effective_paths]"]))
+        build_analysis_callbacks(config.load(None, ["data.name=synthetic", "analysis.run=[single_deletion,effective_paths]"]))
     msg = str(err.value)
     assert "\n" not in msg and "'effective_paths' requires 'path_gradient'" in msg
     cfg = config.load(CONFIGS / "digits_resnet.yaml", [f"out_dir={tmp_path}", "analysis.run=[effective_paths]"])
@@ -116,8 +115,8 @@ def test_compute_runs_on_every_rank_and_report_on_rank_zero_only(tmp_path, rank,
         def report(self, ctx, model, result):
             reported.append(result)
 
-    cfg = config.load(None, ["analysis.run=[path_lengths,stochastic_depth]"]).analysis
-    (built,) = build_analysis_callbacks(config.load(None, ["analysis.run=[stochastic_depth,path_lengths]"]))
+    cfg = config.load(None, ["data.name=synthetic", "analysis.run=[path_lengths,stochastic_depth]"]).analysis
+    (built,) = build_analysis_callbacks(config.load(None, ["data.name=synthetic", "analysis.run=[stochastic_depth,path_lengths]"]))
     runner = AnalysisRunner([*built.analyses, Probe(cfg)])
     module = _Module()
     probs = [b.survival_prob for b in module.model.blocks]

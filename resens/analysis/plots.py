@@ -16,17 +16,32 @@ import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 from resens.analysis import summary  # noqa: E402
+from resens.analysis.reference import Overlay  # noqa: E402
 
-PAPER = dict(color="0.55", linestyle="--", marker="", label="Veit et al. 2016")
+PAPER = dict(color="0.45", linestyle="--", marker="s", ms=3)
 
 
 def _pct(values) -> np.ndarray:
     return 100 * np.asarray(values, dtype=float)
 
 
-def single_deletion(
-    runs: Mapping[str, Mapping], reference: Sequence[float] | None = None, reference_baseline: float | None = None
-) -> Figure:
+def _paper(ax, fig: Figure, overlay: Overlay | None) -> None:
+    """Draw the paper's curve (a list by block or a dict by x) on ``ax``, or say below the
+    figure why it is left off."""
+    if overlay is None:
+        return
+    if overlay.curve is None:
+        fig.text(0.01, -0.03, overlay.note, fontsize=7, color="0.3", ha="left", va="top")
+        return
+    curve = overlay.curve
+    xs = list(range(len(curve))) if isinstance(curve, list) else sorted(curve)
+    ys = curve if isinstance(curve, list) else [curve[x] for x in xs]
+    ax.plot(xs, _pct(ys), label=overlay.label, **PAPER)
+    if overlay.baseline is not None:
+        ax.axhline(100 * overlay.baseline, color="0.45", lw=1, ls=":")
+
+
+def single_deletion(runs: Mapping[str, Mapping], overlay: Overlay | None = None) -> Figure:
     """Test error with each block deleted, one line per run (e.g. ResNet against plain network).
 
     ``runs``: label -> {"baseline_error": e, "single_deletion": [{"block", "error", "downsampling"}]}.
@@ -41,10 +56,7 @@ def single_deletion(
         down = [row for row in rows if row["downsampling"]]
         if down:
             ax.plot([row["block"] for row in down], _pct([row["error"] for row in down]), "x", color="k", ms=7)
-    if reference is not None:
-        ax.plot(range(len(reference)), _pct(reference), **PAPER)
-        if reference_baseline is not None:
-            ax.axhline(100 * reference_baseline, color="0.55", lw=1, ls=":")
+    _paper(ax, fig, overlay)
     ax.set(xlabel="deleted block (0-based; × = downsampling)", ylabel="test error (%)", ylim=(0, None))
     ax.set_title("Deleting one block")
     ax.legend(fontsize=7)
@@ -59,38 +71,48 @@ def _mean_std(rows: Sequence[Mapping], key: str) -> tuple[np.ndarray, np.ndarray
     return keys, _pct([means[k] for k in groups]), _pct([np.std(groups[k]) for k in groups])
 
 
-def multi_deletion(rows: Sequence[Mapping], reference: Mapping[int, float] | None = None, label: str = "") -> Figure:
-    """Mean ± std test error against the number of deleted blocks k; dots are single runs."""
-    fig, ax = plt.subplots(figsize=(5, 3.6))
-    k = [r["k"] for r in rows]
-    err = _pct([r["error"] for r in rows])
-    ax.scatter(k, err, s=4, alpha=0.25, color="C0")
-    ks, mean, std = _mean_std(rows, "k")
-    ax.errorbar(ks, mean, yerr=std, color="C0", marker="o", ms=3, capsize=2, label=label or "mean ± std")
-    if reference:
-        rk = sorted(reference)
-        ax.plot(rk, _pct([reference[x] for x in rk]), **PAPER)
-    ax.set(xlabel="number of blocks deleted", ylabel="test error (%)", title="Deleting many blocks")
-    ax.legend(fontsize=8)
+def _trials(ax, rows: Sequence[Mapping], key: str, label: str) -> None:
+    """Each trial as a dot, and the mean ± std at each value of ``row[key]``."""
+    ax.scatter([r[key] for r in rows], _pct([r["error"] for r in rows]), s=4, alpha=0.25, color="C0")
+    xs, mean, std = _mean_std(rows, key)
+    ax.errorbar(xs, mean, yerr=std, color="C0", marker="o", ms=3, capsize=2, label=label)
+
+
+def lesion_curve(
+    rows: Sequence[Mapping], overlay: Overlay | None = None, label: str = "this run",
+    key: str = "k", xlabel: str = "number of blocks deleted", title: str = "Deleting many blocks",
+) -> Figure:
+    """Mean ± std test error against ``row[key]`` (blocks deleted or duplicated); dots are single
+    trials; the paper's curve, compared like for like, dashed."""
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    _trials(ax, rows, key, f"{label} (mean ± std)")
+    _paper(ax, fig, overlay)
+    ax.set(xlabel=xlabel, ylabel="test error (%)", title=title)
+    ax.legend(fontsize=6)
     return fig
 
 
-def reorder(rows: Sequence[Mapping], reference: Mapping[int, float] | None = None) -> Figure:
-    """Test error against the number of swaps and against Kendall's tau."""
-    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.6), sharey=True)
-    swaps = [r["swaps"] for r in rows]
-    err = _pct([r["error"] for r in rows])
-    a.scatter(swaps, err, s=4, alpha=0.25)
-    xs, mean, std = _mean_std(rows, "swaps")
-    a.errorbar(xs, mean, yerr=std, marker="o", ms=3, capsize=2, label="mean ± std")
-    if reference:
-        rk = sorted(reference)
-        a.plot(rk, _pct([reference[x] for x in rk]), **PAPER)
+def reorder(
+    rows: Sequence[Mapping], overlay: Overlay | None = None, by_displacement: Overlay | None = None,
+    label: str = "this run", bin_width: int = 1,
+) -> Figure:
+    """Test error against the number of swaps, against Kendall's tau, and against the total
+    distance the blocks moved (Σ|a − b|, in bins of ``bin_width`` positions)."""
+    fig, (a, b, c) = plt.subplots(1, 3, figsize=(13, 3.6), sharey=True)
+    _trials(a, rows, "swaps", f"{label} (mean ± std)")
+    _paper(a, fig, overlay)
     a.set(xlabel="number of swaps", ylabel="test error (%)", title="Reordering blocks")
-    a.legend(fontsize=8)
-    b.scatter([r["kendall_tau"] for r in rows], err, s=5, alpha=0.4, c=swaps, cmap="viridis")
+    a.legend(fontsize=6)
+    swaps = [r["swaps"] for r in rows]
+    b.scatter([r["kendall_tau"] for r in rows], _pct([r["error"] for r in rows]), s=5, alpha=0.4, c=swaps, cmap="viridis")
     b.set(xlabel="Kendall's tau (original vs new order)", title="Error against order similarity")
     b.invert_xaxis()
+    binned = [{**r, "bin": r["displacement"] // bin_width * bin_width} for r in rows]
+    _trials(c, binned, "bin", f"{label} (mean ± std per bin)")
+    if by_displacement is not None and by_displacement.curve is not None:
+        _paper(c, fig, by_displacement)
+    c.set(xlabel=f"total displacement Σ|a − b| (bins of {bin_width})", title="Error against distance moved")
+    c.legend(fontsize=6)
     return fig
 
 

@@ -256,3 +256,43 @@ def protocol_curve(name: str, protocol: LesionProtocol, analysis: str, by: str =
     if analysis == "reorder":
         return reorder_curve(name, by, protocol.reorder_ranges)
     raise ValueError(f"no curve by k for '{analysis}' (single deletion: use single_deletion)")
+
+
+@dataclass(frozen=True)
+class Overlay:
+    """The paper's curve to draw beside a run's, or why there is none.
+
+    ``curve``: the authors' errors (a list by block for single deletion, else a dict by k, swaps
+    or displacement), None when left off; ``label``: what it is, for the legend; ``note``: why
+    it is left off (empty when drawn); ``baseline``: the authors' intact error, if published.
+    """
+
+    curve: list[float] | dict[int, float] | None
+    label: str = ""
+    note: str = ""
+    baseline: float | None = None
+
+    def as_record(self) -> dict[str, str | None]:
+        """For ``analysis.json``: what the run was compared with, or why not."""
+        return {"compared_with": self.label or None, "left_off": self.note or None}
+
+
+def overlay(
+    name: str | None, analysis: str, protocol: LesionProtocol, model: Mapping[str, object], data: str,
+    by: str = "swaps", bin_width: int = 1,
+) -> Overlay | None:
+    """The authors' curve for ``analysis`` of a run, like for like: drawn only when the run's
+    network and data (``model_mismatch``) and its lesion protocol (``comparable``) are the
+    authors', and then filtered with the run's own eligibility rules. None without a reference
+    (``name`` None)."""
+    if name is None:
+        return None
+    reason = model_mismatch(name, model, data) or comparable(name, protocol, analysis)
+    if reason is not None:
+        return Overlay(None, note=f"paper overlay left off: {reason}")
+    label = f"Veit et al. 2016: {_design(name).label}, {protocol.describe()}"
+    if analysis == "single_deletion":
+        return Overlay(single_deletion(name), label, baseline=baseline(name))
+    if analysis == "reorder" and by == "displacement":
+        return Overlay(reorder_curve(name, by, protocol.reorder_ranges, bin_width), label)
+    return Overlay(protocol_curve(name, protocol, analysis, by), label)

@@ -2,7 +2,8 @@
 
 ``results`` maps analysis keys to what the analyses wrote (plain JSON values): ``baseline_error``
 (a fraction), ``single_deletion`` (rows ``{"block", "downsampling", "error", ...}``),
-``multi_deletion`` (rows ``{"k", "error", ...}``), ``reorder`` (rows ``{"swaps", "error", ...}``),
+``multi_deletion`` and ``duplication`` (rows ``{"k", "error", ...}``), ``reorder`` (rows
+``{"swaps", "displacement", "error", ...}``),
 ``path_gradient`` (rows ``{"length", "samples", "mean_norm", ...}``) and ``effective_paths``
 (``{"lengths": [lo, hi], "share_of_gradient", "share_of_paths", ...}``). Errors are fractions
 (0..1). A number whose analysis did not run is NaN (or absent from :func:`headline`).
@@ -27,10 +28,15 @@ def _mean(values: Sequence[float]) -> float:
 
 
 def single_deletion_errors(results: Results) -> dict[int, float]:
-    """Error with each block deleted, block -> error, over the blocks that are not downsampling:
-    deleting a downsampling block removes a change of shape, not one path of many, so the paper's
-    means (and maxima) leave them out."""
-    return {r["block"]: r["error"] for r in results.get("single_deletion") or () if not r["downsampling"]}
+    """Error with each block deleted, block -> error, over the blocks the lesion protocol lets
+    random deletions touch (rows marked ``eligible``; the authors' headline numbers leave out the
+    first block of every stage); rows without that mark: the blocks that are not downsampling
+    (deleting one removes a change of shape, not one path of many)."""
+    rows = results.get("single_deletion") or ()
+    return {
+        r["block"]: r["error"] for r in rows
+        if (r["eligible"] if "eligible" in r else not r["downsampling"])
+    }
 
 
 def single_deletion_mean_error(results: Results) -> float:
@@ -65,6 +71,11 @@ def multi_deletion_mean_error(results: Results) -> dict[int, float]:
 def reorder_mean_error(results: Results) -> dict[int, float]:
     """Mean error after s random swaps of blocks, s -> error (Veit et al. Fig. 4)."""
     return mean_error_by(results.get("reorder") or (), "swaps")
+
+
+def duplication_mean_error(results: Results) -> dict[int, float]:
+    """Mean error with k random blocks each run twice, k -> error."""
+    return mean_error_by(results.get("duplication") or (), "k")
 
 
 def gradient_norm_by_length(results: Results, n: int) -> list[float]:
@@ -111,6 +122,7 @@ def headline(results: Results) -> dict[str, float]:
     """Every headline number that ``results`` holds, under flat keys (W&B summary names below
     ``analysis/``): ``baseline_error``, ``deletion/single/{mean,max}_error``,
     ``deletion/multi/mean_error_k{k}``, ``reorder/mean_error_swaps{s}``,
+    ``duplication/mean_error_k{k}``,
     ``paths/gradient/decay_per_block``, ``paths/effective/{lo,hi,share_of_gradient,share_of_paths}``."""
     out: dict[str, float] = {}
     if "baseline_error" in results:
@@ -122,6 +134,8 @@ def headline(results: Results) -> dict[str, float]:
         out[f"deletion/multi/mean_error_k{k}"] = e
     for s, e in reorder_mean_error(results).items():
         out[f"reorder/mean_error_swaps{s}"] = e
+    for k, e in duplication_mean_error(results).items():
+        out[f"duplication/mean_error_k{k}"] = e
     if gradient_ends(results) is not None:
         out["paths/gradient/decay_per_block"] = gradient_decay_per_block(results)
     lo_hi = effective_range(results)
