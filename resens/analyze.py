@@ -17,8 +17,9 @@ from omegaconf import OmegaConf
 from resens import config as config_lib
 from resens.checkpoint import check_compatible, load_checkpoint
 from resens.data import build_datamodule
-from resens.errors import ConfigError, ResensError
+from resens.errors import ConfigError, cli_main
 from resens.module import ResNetClassifier
+from resens.runs import run_dir_of
 from resens.train import build_trainer, finish_logging
 
 
@@ -37,8 +38,7 @@ def analyze(checkpoint: str | Path, config: str | None = None, out: str | None =
     # Checked with its paths as a run's config is; an analysis resumes nothing.
     cfg = config_lib.from_dict({**config_lib.to_dict(cfg), "resume": None}, paths=True)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    ckpt_path = Path(checkpoint)
-    run_dir = ckpt_path.parent.parent if ckpt_path.parent.name == "checkpoints" else ckpt_path.parent
+    run_dir = run_dir_of(checkpoint)
     out_dir = Path(out) if out else run_dir / f"lesion-{time.strftime('%Y%m%d-%H%M%S')}"
     run_id = f"{run_dir.name}-lesion-{time.strftime('%Y%m%d-%H%M%S')}"
     hp = ckpt["hyper_parameters"]
@@ -67,12 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help="output folder (default: <run>/lesion-<time>)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. analysis.quick=true")
     args = parser.parse_args(argv)
-    try:
-        analyze(args.checkpoint, args.config, args.out, args.overrides)
-    except ResensError as err:
-        sys.stderr.write(f"error: {err}\n")  # one write: DDP processes' lines do not interleave
-        return 2
-    return 0
+    return cli_main(lambda: analyze(args.checkpoint, args.config, args.out, args.overrides))
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from resens.analysis import variants as V
 from resens.data.cifar10 import MEAN as CIFAR_MEAN
 from resens.data.cifar10 import STD as CIFAR_STD
 from resens.data.gpu_augment import normalize, random_crop_flip
+from resens.errors import ConfigError, cli_main
 from resens.models import cifar_resnet
 
 
@@ -187,11 +188,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny sizes (a smoke test)")
     parser.add_argument("--repeats", type=int, default=None)
     args = parser.parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print("error: --device cuda but no CUDA device is available", file=sys.stderr)
-        return 2
-    run(Path(args.out), args.device, args.quick, args.repeats)
-    return 0
+
+    def bench() -> None:
+        if args.device == "cuda" and not torch.cuda.is_available():
+            raise ConfigError("--device cuda but no CUDA device is available")
+        run(Path(args.out), args.device, args.quick, args.repeats)
+
+    return cli_main(bench)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from resens import config as config_lib
 from resens.analysis import plots, summary
-from resens.errors import ResensError
+from resens.errors import cli_main
 from resens.train import train
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -91,12 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    try:
-        run_demo(out, args.overrides)
-    except ResensError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return cli_main(lambda: run_demo(out, args.overrides))
 
 
 if __name__ == "__main__":

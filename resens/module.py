@@ -44,6 +44,7 @@ class ResNetClassifier(L.LightningModule):
         self.model = build_model(self.cfg, num_classes, in_channels)
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.test_acc = MulticlassAccuracy(num_classes, average="micro")
         self.register_buffer("_nonfinite", torch.tensor(False), persistent=False)
         m = self.cfg.model
         self._memory_format = torch.channels_last if m.channels_last else torch.contiguous_format
@@ -97,12 +98,12 @@ class ResNetClassifier(L.LightningModule):
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         x, y = batch
         logits = self(x)
-        self.val_acc.update(logits, y)
+        self.test_acc.update(logits, y)
         self.log("test/loss", F.cross_entropy(logits, y), on_epoch=True, sync_dist=True)
 
     def on_test_epoch_end(self) -> None:
-        self.log("test/error", 1 - self.val_acc.compute())
-        self.val_acc.reset()
+        self.log("test/error", 1 - self.test_acc.compute())
+        self.test_acc.reset()
 
     def configure_optimizers(self):
         o = self.cfg.optim

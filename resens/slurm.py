@@ -19,7 +19,8 @@ import sys
 from pathlib import Path
 
 from resens import config as config_lib
-from resens.errors import ConfigError, ResensError
+from resens.errors import ConfigError, ResensError, cli_main
+from resens.runs import slug
 
 PLACEHOLDER = re.compile(r"\{\{\s*(\w+)\s*\}\}")
 
@@ -74,7 +75,7 @@ def build_script(
     script = render(
         template.read_text(),
         {
-            "job_name": re.sub(r"[^A-Za-z0-9_.-]+", "-", cfg.name),
+            "job_name": slug(cfg.name),
             "nodes": str(nodes),
             "gpus": str(gpus),
             "log_dir": str(log_dir),
@@ -126,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     split = argv.index("--") if "--" in argv else len(argv)
     args = parser.parse_args(argv[:split])
     overrides = argv[split + 1 :]
-    try:
+
+    def launch() -> None:
         script, log_dir = build_script(
             args.template,
             args.nodes,
@@ -137,12 +139,10 @@ def main(argv: list[str] | None = None) -> int:
         )
         if args.dry_run:
             print(script, end="")
-            return 0
-        print(f"{submit(script, log_dir)} (log: {log_dir}/)")
-    except ResensError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+        else:
+            print(f"{submit(script, log_dir)} (log: {log_dir}/)")
+
+    return cli_main(launch)
 
 
 if __name__ == "__main__":

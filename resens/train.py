@@ -15,28 +15,32 @@ from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.accelerators import CPUAccelerator, CUDAAccelerator, MPSAccelerator
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar
-from lightning.pytorch.strategies import DDPStrategy
 from omegaconf import DictConfig
 
+from callbacks.training import Requeued, RNGState, RunFolder, SlurmRequeue, Throughput
 from resens import config as config_lib
 from resens.checkpoint import check_compatible, load_checkpoint
 from resens.data import build_datamodule
-from resens.errors import ConfigError, ResensError
+from resens.errors import ConfigError, cli_main
 from resens.module import ResNetClassifier
-from resens.run import (
-    RUN_ID_ENV,
-    Requeued,
-    RNGState,
-    RunFolder,
-    SlurmRequeue,
-    Throughput,
-    make_logger,
-    resolve_run,
-)
+from resens.runs import RUN_ID_ENV, resolve_run
+from resens.wandb_logger import ResilientWandbLogger, make_logger
 
 
 def trainer_kwargs(cfg: DictConfig) -> dict:
+    """The ``lightning.Trainer`` keyword arguments of ``cfg.trainer`` (unset ones left out).
+
+    With stochastic depth on several processes, plain DDP (``ddp``, or ``auto``, which picks it)
+    becomes ``ddp_find_unused_parameters_true``: a closed gate leaves its branch without
+    gradient, and DDP must then look for unused parameters.
+    """
     kwargs = {k: v for k, v in config_lib.to_dict(cfg.trainer).items() if v is not None}
+    if (
+        cfg.model.stochastic_depth
+        and kwargs["strategy"] in ("ddp", "auto")
+        and check_devices(cfg) > 1
+    ):
+        kwargs["strategy"] = "ddp_find_unused_parameters_true"
     return kwargs
 
 
@@ -140,9 +144,6 @@ def train(cfg: DictConfig) -> Path:
         trainer = build_trainer(
             cfg, run_dir, run_id, [best, last, LearningRateMonitor("step"), Throughput()]
         )
-        if module.model.stochastic_depth and isinstance(trainer.strategy, DDPStrategy):
-            # A closed gate leaves its branch without gradient: DDP must look for unused parameters.
-            trainer.strategy._ddp_kwargs["find_unused_parameters"] = True
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
         finish_logging(trainer)
         if trainer.is_global_zero:
@@ -156,8 +157,8 @@ def train(cfg: DictConfig) -> Path:
 def finish_logging(trainer: L.Trainer) -> None:
     """Close the W&B run so its files are complete on disk (offline runs are then syncable)."""
     for logger in trainer.loggers:
-        if trainer.is_global_zero and getattr(logger, "_experiment", None) is not None:
-            logger.experiment.finish()
+        if isinstance(logger, ResilientWandbLogger):
+            logger.finish()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -165,15 +166,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("config", help="experiment YAML (configs/*.yaml)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. trainer.max_epochs=10")
     args = parser.parse_args(argv)
-    try:
-        train(config_lib.load(args.config, args.overrides))
-    except Requeued as note:
-        sys.stderr.write(f"{note}\n")
-    except ResensError as err:
-        # one write, so that the lines of several DDP processes do not interleave
-        sys.stderr.write(f"error: {err}\n")
-        return 2
-    return 0
+
+    def run() -> None:
+        try:
+            train(config_lib.load(args.config, args.overrides))
+        except Requeued as note:
+            sys.stderr.write(f"{note}\n")
+
+    return cli_main(run)
 
 
 if __name__ == "__main__":

@@ -15,11 +15,11 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from callbacks.training import SlurmRequeue
 from resens import config, slurm
 from resens.checkpoint import load_checkpoint
 from resens.errors import ResensError
 from resens.module import lr_at
-from resens.run import SlurmRequeue
 from tests.helpers import (
     DIGITS,
     ROOT,
@@ -339,9 +339,10 @@ def test_failed_requeue_stops_with_the_checkpoint_to_resume_from(tmp_path, monke
     (tmp_path / "hpc_ckpt_3.ckpt").write_bytes(b"an older requeue checkpoint")
     requeue = SlurmRequeue()
     requeue.requested = True  # as if SIGUSR1 had come during the first step
+    n = SlurmRequeue.check_every_n_steps  # the ranks look at the flag every n steps only
     trainer = L.Trainer(
         default_root_dir=tmp_path,
-        max_steps=5,
+        max_steps=n + 5,
         callbacks=[requeue],
         logger=False,
         enable_checkpointing=False,
@@ -357,6 +358,6 @@ def test_failed_requeue_stops_with_the_checkpoint_to_resume_from(tmp_path, monke
     with pytest.raises(ResensError, match=expected):
         trainer.fit(_Tiny(), data)
     assert signal.getsignal(signal.SIGUSR1) == handler
-    assert trainer.global_step == 1
+    assert trainer.global_step == n
     assert sorted(p.name for p in tmp_path.glob("hpc_ckpt_*")) == ["hpc_ckpt_4.ckpt"]
-    assert torch.load(tmp_path / "hpc_ckpt_4.ckpt", weights_only=True)["global_step"] == 1
+    assert torch.load(tmp_path / "hpc_ckpt_4.ckpt", weights_only=True)["global_step"] == n

@@ -104,3 +104,27 @@ def test_speed_options_keep_results_and_checkpoint_keys():
     assert plain.state_dict().keys() == fast.state_dict().keys()
     with pytest.raises(ConfigError, match="model.compile"):
         module("model.compile=reduce-overhead", "model.stochastic_depth=0.5")
+
+
+@pytest.mark.parametrize(
+    "overrides, strategy",
+    [
+        (["model.stochastic_depth=0.5", "trainer.devices=2", "trainer.strategy=ddp"], "ddp_find_unused_parameters_true"),
+        (["model.stochastic_depth=0.5", "trainer.devices=2"], "ddp_find_unused_parameters_true"),  # auto picks DDP
+        (["model.stochastic_depth=0.5", "trainer.devices=1"], "auto"),  # one process: no DDP
+        (["model.stochastic_depth=0.5", "trainer.devices=2", "trainer.strategy=ddp_spawn"], "ddp_spawn"),
+        (["trainer.devices=2", "trainer.strategy=ddp"], "ddp"),  # every branch gets its gradient
+    ],
+)
+def test_stochastic_depth_under_ddp_looks_for_unused_parameters(overrides, strategy):
+    import lightning as L
+    from lightning.pytorch.strategies import DDPStrategy
+
+    from resens.train import trainer_kwargs
+
+    cfg = config.load(CONFIGS / "digits_resnet.yaml", overrides)
+    kwargs = trainer_kwargs(cfg)
+    assert kwargs["strategy"] == strategy
+    if strategy == "ddp_find_unused_parameters_true":  # a name Lightning knows
+        trainer = L.Trainer(**kwargs, logger=False, enable_checkpointing=False)
+        assert isinstance(trainer.strategy, DDPStrategy) and trainer.world_size == 2
