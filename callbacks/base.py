@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from resens.analysis import reference, summary
 from resens.analysis.catalog import analysis_names
+from resens.analysis.modes import full_precision
 from resens.analysis.protocol import LesionProtocol, resolve_protocol
 from resens.analysis.reference import Overlay
 
@@ -272,7 +273,7 @@ class AnalysisRunner(L.Callback):
         for analysis in self.analyses:
             start = time.perf_counter()
             # trainer.test runs its hooks in inference mode; path gradients need autograd.
-            with torch.inference_mode(False), torch.enable_grad():
+            with torch.inference_mode(False), torch.enable_grad(), full_precision():
                 result = analysis.compute(ctx, model, device)
             ctx.timings[analysis.name] = round(time.perf_counter() - start, 3)
             if trainer.is_global_zero:

@@ -22,6 +22,7 @@ from torch import nn
 
 from resens.analysis import paths as P
 from resens.analysis import variants as V
+from resens.analysis.modes import full_precision
 from resens.data.cifar10 import MEAN as CIFAR_MEAN
 from resens.data.cifar10 import STD as CIFAR_STD
 from resens.data.gpu_augment import normalize, random_crop_flip
@@ -68,10 +69,11 @@ def bench_single_deletion(device, depth, images, batch, repeats) -> dict:
     data = [(x.to(device), y.to(device)) for x, y in data]
     n = len(model.blocks)
     vs = [V.intact(n)] + [V.deletion_variant(n, [i]) for i in range(n)]
-    fast_s, naive_s, a, b = side_by_side(
-        lambda: V.evaluate_variants(model, data, vs), lambda: V.evaluate_variants_naive(model, data, vs),
-        device, repeats,
-    )
+    with full_precision():  # as the analyses run
+        fast_s, naive_s, a, b = side_by_side(
+            lambda: V.evaluate_variants(model, data, vs), lambda: V.evaluate_variants_naive(model, data, vs),
+            device, repeats,
+        )
     return {"fast_s": fast_s, "naive_s": naive_s, "equal": bool(torch.equal(a, b)),
             "variants": len(vs), "images": len(data) * batch, "blocks": n}
 
@@ -83,10 +85,11 @@ def bench_path_gradient(device, depth, batch, per_length, repeats) -> dict:
     x, y = torch.randn(batch, 3, 32, 32, generator=g), torch.randint(0, 10, (batch,), generator=g)
     lengths = list(range(0, n + 1, max(1, n // 9)))
     paths = torch.cat([P.sample_paths(n, k, per_length, g) for k in lengths])
-    fast_s, naive_s, a, b = side_by_side(
-        lambda: P.path_gradient_norms(model, x, y, paths), lambda: P.path_gradient_norms_naive(model, x, y, paths),
-        device, repeats,
-    )
+    with full_precision():  # as the analyses run
+        fast_s, naive_s, a, b = side_by_side(
+            lambda: P.path_gradient_norms(model, x, y, paths), lambda: P.path_gradient_norms_naive(model, x, y, paths),
+            device, repeats,
+        )
     per_path = fast_s / len(paths)
     return {"fast_s": fast_s, "naive_s": naive_s, "equal": bool(torch.allclose(a, b, rtol=1e-3, atol=1e-12)),
             "paths": len(paths), "batch": batch, "blocks": n,
@@ -95,7 +98,8 @@ def bench_path_gradient(device, depth, batch, per_length, repeats) -> dict:
 
 def bench_train_step(device, depth, batch, steps, repeats) -> dict:
     """A plain fp32 eager PyTorch loop against resens's fast configuration of the same step:
-    channels_last everywhere, and on CUDA bf16 autocast with the step compiled into CUDA graphs."""
+    channels_last everywhere, and on CUDA bf16 autocast with the model's forward and backward in
+    CUDA graphs."""
     def make(fast: bool):
         torch.manual_seed(0)
         model = cifar_resnet(depth).to(device)
@@ -106,15 +110,20 @@ def bench_train_step(device, depth, batch, steps, repeats) -> dict:
         y = torch.randint(0, 10, (batch,), device=device)
         use_bf16 = fast and device.type == "cuda"
 
+        # On CUDA the model's forward and backward run in CUDA graphs (torch.compile
+        # "reduce-overhead"), as ResNetClassifier runs it with model.compile=reduce-overhead; the
+        # optimizer step stays eager.
+        run_model = torch.compile(model, mode="reduce-overhead") if fast and device.type == "cuda" else model
+
         def step():
+            if run_model is not model:
+                torch.compiler.cudagraph_mark_step_begin()  # a new step: last step's outputs may be reused
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                loss = F.cross_entropy(model(x), y)
+                loss = F.cross_entropy(run_model(x), y)
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=False)
 
-        if fast and device.type == "cuda":
-            step = torch.compile(step, mode="reduce-overhead")
         for _ in range(3):  # warm-up (and compile)
             step()
 

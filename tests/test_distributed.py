@@ -50,6 +50,8 @@ JOB = [
     "data.batch_size=32",
     "data.eval_batch_size=100",
     "analysis.max_batches=null",
+    # two blocks per stage: only with every block eligible is there a pair to reorder (stage 0)
+    "analysis.protocol.exclude=[]",
     "model.stochastic_depth=0.5",
     "optim.warmup_lr=null",
     "optim.milestones=[100]",
@@ -195,7 +197,7 @@ def lesions(job, tmp_path_factory) -> dict[str, dict]:
     tmp = tmp_path_factory.mktemp("lesions")
     ckpt = job.run_dir / "checkpoints" / "last.ckpt"
     every_analysis = [
-        "analysis.run=[single_deletion,multi_deletion,reorder,path_lengths,path_gradient,"
+        "analysis.run=[single_deletion,multi_deletion,reorder,duplication,path_lengths,path_gradient,"
         "effective_paths,stochastic_depth]",
         "analysis.path_gradient.samples_per_length=4",
         "analysis.path_gradient.batches=2",
@@ -234,7 +236,7 @@ def test_ddp_analyses_equal_single_process_analyses(job, lesions):
     for key in ANALYSES:
         assert lesions["two"][key] == lesions["one"][key], key
         assert fit[key] == lesions["one"][key], key  # the 2-node fit's own analyses
-    for key in ("path_lengths", "path_gradient", "effective_paths", "stochastic_depth"):
+    for key in ("duplication", "path_lengths", "path_gradient", "effective_paths", "stochastic_depth"):
         assert lesions["two"][key] == lesions["one"][key], key
     assert [r["samples"] for r in lesions["one"]["path_gradient"]] == [4] * 7  # lengths 0..6
     assert len(lesions["one"]["single_deletion"]) == 6  # depth 14: 2 blocks per stage
