@@ -26,7 +26,6 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from resens.analysis import reference, summary
-from resens.analysis.catalog import analysis_names
 from resens.analysis.modes import full_precision
 from resens.analysis.protocol import LesionProtocol, resolve_protocol
 from resens.analysis.reference import Overlay
@@ -205,9 +204,8 @@ class ProgressBar:
 
 
 class Analysis:
-    """One analysis of the paper; subclasses set ``name`` (one of
-    ``resens.analysis.catalog.analysis_names()``), implement ``compute`` and ``report``, and are
-    registered with ``@register_analysis``.
+    """One analysis of the paper; subclasses set ``name`` (what ``analysis.run`` lists),
+    implement ``compute`` and ``report``, and are registered with ``@register_analysis``.
 
     ``requires``: analyses whose results ``compute`` needs; they run first, and a run that
     switches one of them off is refused (``ConfigError``) rather than silently missing a result.
@@ -240,10 +238,9 @@ REGISTRY: dict[str, type[Analysis]] = {}
 
 def register_analysis(cls: type[Analysis]) -> type[Analysis]:
     """Class decorator: make ``cls`` the analysis run for ``cls.name`` in ``analysis.run``."""
-    known = analysis_names()
-    if cls.name not in known:
-        raise ValueError(f"{cls.__name__}.name '{cls.name}' is not listed in resens.analysis.catalog")
-    unknown = [d for d in (*cls.requires, *cls.uses) if d not in known]
+    if not cls.name:
+        raise ValueError(f"{cls.__name__} has no name")
+    unknown = [d for d in (*cls.requires, *cls.uses) if d not in REGISTRY]
     if unknown:
         raise ValueError(f"{cls.__name__} depends on unknown analysis '{unknown[0]}'")
     if cls.name in REGISTRY:

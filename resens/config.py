@@ -17,15 +17,21 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from resens.analysis.catalog import analysis_names
 from resens.errors import ConfigError
 
-ANALYSES = analysis_names()  # one registered class per name in callbacks/
 SHORTCUT_POOLS = ("subsample", "avg")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
 LOGGER_MODES = ("online", "offline", "disabled")
 # Keys under ``model`` that configure the training, not the builder.
 NOT_BUILDER_KEYS = ("arch", "channels_last", "compile")
+
+
+def analysis_names() -> tuple[str, ...]:
+    """The analyses ``analysis.run`` may list: the names in the one registry of analyses
+    (``callbacks.REGISTRY``), imported here only when needed (callbacks import this module)."""
+    from callbacks import analysis_names as registered
+
+    return registered()
 
 
 @dataclass
@@ -144,7 +150,7 @@ class PathGradientConfig:
 
 @dataclass
 class AnalysisConfig:
-    run: list[str] = field(default_factory=lambda: list(ANALYSES))
+    run: list[str] = field(default_factory=lambda: list(analysis_names()))  # default: every one
     quick: bool = False  # fewer trials and samples, for CPU runs
     seed: int = 0
     max_batches: int | None = None  # limit on test batches per evaluation; None: the whole set
@@ -261,8 +267,31 @@ def validate(cfg: DictConfig, paths: bool = True) -> None:
     _check_trainer(cfg)
     _one_of("logger.mode", cfg.logger.mode, LOGGER_MODES)
     _check_analysis(cfg.analysis)
+    _check_protocol(cfg)
     if paths:
         _check_paths(cfg)
+
+
+def _check_protocol(cfg: DictConfig) -> None:
+    """Overrides of the lesion protocol, resolved against the network's structure (built on the
+    meta device: no memory, no weights), so a bad one fails now rather than after training."""
+    p = cfg.analysis.protocol
+    if p.exclude is None and p.reorder_stages is None:
+        return
+    import torch
+
+    from resens.analysis.protocol import resolve_protocol
+    from resens.models import build_model
+
+    with torch.device("meta"):
+        try:
+            model = build_model(cfg.model.arch, **model_kwargs(cfg.model))
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"model: {err}") from None
+    resolve_protocol(
+        model, None if p.exclude is None else list(p.exclude),
+        None if p.reorder_stages is None else list(p.reorder_stages),
+    )
 
 
 def _check_model(m: DictConfig) -> None:

@@ -11,12 +11,13 @@ from callbacks import (
     REGISTRY,
     Analysis,
     AnalysisRunner,
+    analysis_names,
     analysis_order,
     build_analysis_callbacks,
     register_analysis,
 )
 from resens import config
-from resens.analysis.catalog import analysis_names, run_order
+from resens.analysis.catalog import run_order
 from resens.errors import ConfigError
 from resens.models import build_model
 from resens.train import train
@@ -24,28 +25,30 @@ from resens.train import train
 CONFIGS = Path(__file__).parent.parent / "configs"
 
 
-def test_every_registered_analysis_is_in_the_catalog_the_config_validates_against():
-    assert set(REGISTRY) <= set(analysis_names()) == set(config.ANALYSES)
+def test_the_registry_is_what_the_config_validates_against():
+    assert analysis_names() == tuple(REGISTRY) == config.analysis_names()
+    assert set(analysis_names()) >= {"single_deletion", "multi_deletion", "reorder", "duplication",
+                                     "path_lengths", "path_gradient", "effective_paths", "stochastic_depth"}
     for cls in REGISTRY.values():
         assert set(cls.requires) | set(cls.uses) <= set(analysis_names())
     assert REGISTRY["effective_paths"].requires == ("path_gradient",)
 
 
-def test_register_analysis_refuses_unknown_and_duplicate_names():
+def test_register_analysis_refuses_nameless_duplicate_and_dangling_analyses():
     class Unknown(Analysis):
-        name = "no_such_analysis"
+        pass
 
     class Twice(Analysis):
         name = "single_deletion"
 
     class BadDependency(Analysis):
-        name = "duplication"
+        name = "new_analysis"
         requires = ("no_such_analysis",)
 
-    for cls, needle in ((Unknown, "not listed"), (Twice, "registered twice"), (BadDependency, "unknown analysis")):
+    for cls, needle in ((Unknown, "has no name"), (Twice, "registered twice"), (BadDependency, "unknown analysis")):
         with pytest.raises(ValueError, match=needle):
             register_analysis(cls)
-    assert REGISTRY["duplication"].__name__ == "Duplication" and REGISTRY["single_deletion"].__name__ == "SingleDeletion"
+    assert "new_analysis" not in REGISTRY and REGISTRY["single_deletion"].__name__ == "SingleDeletion"
 
 
 def test_order_follows_the_declared_dependencies_not_the_order_of_analysis_run():
@@ -64,10 +67,13 @@ def test_order_follows_the_declared_dependencies_not_the_order_of_analysis_run()
 def test_run_order_puts_what_is_used_first_when_it_runs_and_refuses_cycles():
     requires = {"effective_paths": ("path_gradient",)}
     uses = {"single_deletion": ("reorder",)}
-    assert run_order(["single_deletion", "reorder"], requires, uses) == ["reorder", "single_deletion"]
-    assert run_order(["single_deletion"], requires, uses) == ["single_deletion"]
+    listing = ("single_deletion", "reorder", "path_gradient", "effective_paths")
+    assert run_order(["single_deletion", "reorder"], listing, requires, uses) == ["reorder", "single_deletion"]
+    assert run_order(["single_deletion"], listing, requires, uses) == ["single_deletion"]
     with pytest.raises(ValueError, match="cycle"):
-        run_order(["reorder", "single_deletion"], {"reorder": ("single_deletion",)}, uses)
+        run_order(["reorder", "single_deletion"], listing, {"reorder": ("single_deletion",)}, uses)
+    with pytest.raises(ConfigError, match="unknown analysis 'nope'"):
+        run_order(["nope"], listing, requires, uses)
 
 
 def test_a_required_analysis_switched_off_is_refused_in_one_line_before_training(tmp_path):
@@ -106,7 +112,7 @@ def test_compute_runs_on_every_rank_and_report_on_rank_zero_only(tmp_path, rank,
     reported = []
 
     class Probe(Analysis):
-        name = "reorder"  # not registered: any catalog name will do
+        name = "reorder"  # not registered: the runner takes any Analysis
 
         def compute(self, ctx, model, device):
             ctx.write("probe", ctx.results["stochastic_depth"]["survival_probs"])

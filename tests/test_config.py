@@ -208,7 +208,6 @@ def test_cifar_download_and_existing_folders_pass(tmp_path):
 
 
 def test_analysis_names_is_the_source_of_analysis_run():
-    assert config.analysis_names() == config.ANALYSES
     assert list(config.load(None, ["data.name=digits"]).analysis.run) == list(config.analysis_names())
 
 
@@ -240,3 +239,14 @@ def test_saved_config_paths_are_checked_only_when_asked(tmp_path):
     saved["model"]["arch"] = "vgg"
     with pytest.raises(ConfigError, match="model.arch=vgg"):
         config.from_dict(saved)
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("analysis.protocol.exclude=[99]", "99"),
+    ("analysis.protocol.reorder_stages=[7]", "7"),
+])
+def test_a_bad_protocol_override_fails_at_load(override, needle):
+    with pytest.raises(ConfigError) as err:
+        config.load(None, ["data.name=digits", "model.depth=20", override])
+    assert needle in str(err.value) and "\n" not in str(err.value)
+    assert config.load(None, ["data.name=digits", "model.depth=20", "analysis.protocol.exclude=[]"])

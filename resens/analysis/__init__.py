@@ -1,7 +1,7 @@
 """The paper's analyses, in pure torch: lesion protocols, the variant engine (deletion,
-reordering, duplication), paths, the headline numbers of a run and the catalog of analyses."""
+reordering, duplication), paths, the headline numbers of a run and the order analyses run in."""
 
-from resens.analysis.catalog import analysis_names, run_order
+from resens.analysis.catalog import run_order
 from resens.analysis.paths import (
     PathGradientsByLength,
     effective_path_survival,
@@ -34,7 +34,7 @@ from resens.analysis.variants import (
 )
 
 __all__ = [
-    "PROTOCOLS", "LesionProtocol", "PathGradientsByLength", "Rules", "analysis_names", "apply_swaps",
+    "PROTOCOLS", "LesionProtocol", "PathGradientsByLength", "Rules", "apply_swaps",
     "compare_deletion", "count_variant_errors", "deletion_variant", "duplication_variant",
     "effective_path_survival", "effective_paths", "evaluate_variants", "evaluate_variants_naive",
     "headline", "kendall_tau", "path_gradient_by_length", "path_gradient_norms",
