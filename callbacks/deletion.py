@@ -11,8 +11,10 @@ from callbacks.base import Analysis, AnalysisContext, register_analysis
 from resens.analysis import plots, variants
 from resens.models import stage_of_blocks
 
-# Bins of the reorder figure's total displacement, in positions.
-DISPLACEMENT_BIN = 10
+
+def displacement_bin(n: int) -> int:
+    """Width in positions of the reorder figure's displacement bins: about n/6 (9 for 54 blocks)."""
+    return max(1, round(n / 6))
 
 
 def variant_errors(ctx: AnalysisContext, cfg, model: nn.Module, device, vs, what: str) -> list[float]:
@@ -145,10 +147,10 @@ class Reorder(Analysis):
             [[r["swaps"], r["kendall_tau"], r["displacement"], r["error"]] for r in rows],
             line=("swaps", "error"), title="error against swaps",
         )
+        width = displacement_bin(len(model.blocks))
         fig = plots.reorder(
             rows, ctx.overlay(self.name, model),
-            ctx.overlay(self.name, model, by="displacement", bin_width=DISPLACEMENT_BIN),
-            _label(ctx, model), DISPLACEMENT_BIN,
+            ctx.overlay(self.name, model, by="displacement", bin_width=width), _label(ctx, model), width,
         )
         ctx.log_figure("reorder", fig)
 

@@ -38,6 +38,9 @@ def summarize(results: dict[str, dict]) -> str:
     by_k = {label: summary.multi_deletion_mean_error(r) for label, r in results.items()}
     for k in sorted({k for m in by_k.values() for k in m} & {1, 2, 5, 10, 15, 20}):
         row(f"delete {k} random blocks: mean error (%)", [pct(m.get(k)) for m in by_k.values()])
+    by_dup = {label: summary.duplication_mean_error(r) for label, r in results.items()}
+    for k in sorted({k for m in by_dup.values() for k in m} & {1, 2, 5, 10}):
+        row(f"duplicate {k} random blocks: mean error (%)", [pct(m.get(k)) for m in by_dup.values()])
     by_swaps = {label: summary.reorder_mean_error(r) for label, r in results.items()}
     for s in sorted({s for m in by_swaps.values() for s in m} & {1, 5, 10}):
         row(f"{s} random swaps: mean error (%)", [pct(m.get(s)) for m in by_swaps.values()])
