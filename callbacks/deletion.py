@@ -34,8 +34,23 @@ def _label(ctx: AnalysisContext, model: nn.Module) -> str:
     return f"{name}, {ctx.protocol(model).describe()}"
 
 
-def _trials(cfg, trials: int) -> int:
-    return min(trials, 10) if cfg.quick else trials
+def _random_sets(cfg, section, allowed: list[int], sampler, g: torch.Generator) -> list[tuple[int, list[int]]]:
+    """``(k, blocks)`` for k = 1..k_max: ``section.trials`` sets of k distinct blocks of
+    ``allowed`` per k, drawn by ``sampler`` (at most 10 per k with ``analysis.quick``)."""
+    trials = min(section.trials, 10) if cfg.quick else section.trials
+    return [
+        (k, blocks)
+        for k in range(1, min(section.k_max, len(allowed)) + 1)
+        for blocks in sampler(allowed, k, trials, g)
+    ]
+
+
+def _log_sets(ctx: AnalysisContext, name: str, rows: list[dict], title: str) -> None:
+    """The trials of a k-block lesion as a W&B table with a line plot of error against k."""
+    ctx.log_table(
+        name, ["k", "blocks", "error"], [[r["k"], " ".join(map(str, r["blocks"])), r["error"]] for r in rows],
+        line=("k", "error"), title=title,
+    )
 
 
 @register_analysis
@@ -84,14 +99,8 @@ class MultiDeletion(Analysis):
     uses = ("single_deletion",)
 
     def compute(self, ctx, model, device):
-        c = self.cfg.multi_deletion
         allowed = list(ctx.protocol(model).multi_deletion)
-        g = self.generator(1)
-        sets = [
-            (k, blocks)
-            for k in range(1, min(c.k_max, len(allowed)) + 1)
-            for blocks in variants.sample_deletions(allowed, k, _trials(self.cfg, c.trials), g)
-        ]
+        sets = _random_sets(self.cfg, self.cfg.multi_deletion, allowed, variants.sample_deletions, self.generator(1))
         n = len(model.blocks)
         vs = [variants.intact(n)] + [variants.deletion_variant(n, b) for _, b in sets]
         errors = variant_errors(ctx, self.cfg, model, device, vs, "deleting k blocks")
@@ -102,11 +111,7 @@ class MultiDeletion(Analysis):
         return rows
 
     def report(self, ctx, model, rows):
-        ctx.log_table(
-            "deletion/multi", ["k", "blocks", "error"],
-            [[r["k"], " ".join(map(str, r["blocks"])), r["error"]] for r in rows],
-            line=("k", "error"), title="error against blocks deleted",
-        )
+        _log_sets(ctx, "deletion/multi", rows, "error against blocks deleted")
         fig = plots.lesion_curve(rows, ctx.overlay(self.name, model), _label(ctx, model))
         ctx.log_figure("deletion/multi", fig)
 
@@ -129,7 +134,7 @@ class Reorder(Analysis):
         trials = [
             (k, variants.sample_swaps(ranges, k, g))
             for k in range(1, c.max_swaps + 1)
-            for _ in range(_trials(self.cfg, c.trials))
+            for _ in range(min(c.trials, 10) if self.cfg.quick else c.trials)
         ]
         orders = [variants.apply_swaps(n, pairs) for _, pairs in trials]
         errors = variant_errors(ctx, self.cfg, model, device, orders, "reordering blocks")
@@ -164,16 +169,10 @@ class Duplication(Analysis):
     name = "duplication"
 
     def compute(self, ctx, model, device):
-        c = self.cfg.duplication
         allowed = list(ctx.protocol(model).duplication)
         if not allowed:
             return None
-        g = self.generator(3)
-        sets = [
-            (k, blocks)
-            for k in range(1, min(c.k_max, len(allowed)) + 1)
-            for blocks in variants.sample_duplications(allowed, k, _trials(self.cfg, c.trials), g)
-        ]
+        sets = _random_sets(self.cfg, self.cfg.duplication, allowed, variants.sample_duplications, self.generator(3))
         n = len(model.blocks)
         vs = [variants.duplication_variant(n, b) for _, b in sets]
         errors = variant_errors(ctx, self.cfg, model, device, vs, "duplicating k blocks")
@@ -182,11 +181,7 @@ class Duplication(Analysis):
         return rows
 
     def report(self, ctx, model, rows):
-        ctx.log_table(
-            "duplication", ["k", "blocks", "error"],
-            [[r["k"], " ".join(map(str, r["blocks"])), r["error"]] for r in rows],
-            line=("k", "error"), title="error against blocks duplicated",
-        )
+        _log_sets(ctx, "duplication", rows, "error against blocks duplicated")
         fig = plots.lesion_curve(
             rows, ctx.overlay(self.name, model), _label(ctx, model),
             xlabel="number of blocks duplicated (each run twice)", title="Duplicating blocks",
