@@ -40,6 +40,9 @@ class Rules:
 PROTOCOLS: dict[str, Rules] = {
     "cifar": Rules(exclude="stage_first", reorder_stages="all"),
     "imagenet": Rules(exclude="stage_first", reorder_stages="inner"),
+    # Vision transformers (resens.models.adapters.timm): every unit, attention or MLP, keeps the
+    # token shape and there are no stages, so no unit is set apart and any two may trade places.
+    "vit": Rules(exclude="none", reorder_stages="all"),
 }
 
 
