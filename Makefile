@@ -6,6 +6,8 @@ STAMP   := $(VENV)/.installed
 OUT     ?= runs
 CONFIG  ?=
 CKPT    ?=
+MODEL   ?=
+WEIGHTS ?=
 DATA    ?=
 RESUME  ?=
 ARGS    ?=
@@ -16,7 +18,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -e '.[dev,timm]'
 	touch $(STAMP)
 
 ## The embedded demo: digits ResNet and plain network, trained on the CPU, then analysed.
@@ -39,10 +41,12 @@ train-imagenet: install
 		$(if $(RESUME),resume=$(RESUME)) $(ARGS)
 
 ## Analyses of a saved checkpoint: make lesion CKPT=path [CONFIG=configs/x.yaml] [OUT=dir]
+## or of a library model: make lesion MODEL=torchvision:resnet50 DATA=/path/to/imagenet
+##   [WEIGHTS=file.pth|file.safetensors|random] [OUT=dir] (no WEIGHTS: the cached default weights)
 lesion: install
-	@test -n "$(CKPT)" || { echo "error: set CKPT=path/to/checkpoint.ckpt"; exit 2; }
-	$(PY) -m resens.analyze --checkpoint $(CKPT) $(if $(CONFIG),--config $(CONFIG)) \
-		$(if $(filter-out runs,$(OUT)),--out $(OUT)) $(ARGS)
+	@test -n "$(CKPT)$(MODEL)" || { echo "error: set CKPT=path/to/checkpoint.ckpt or MODEL=LIB:NAME DATA=folder"; exit 2; }
+	$(PY) -m resens.analyze $(if $(MODEL),--model $(MODEL) --data "$(DATA)" $(if $(WEIGHTS),--weights $(WEIGHTS)),--checkpoint $(CKPT)) \
+		$(if $(CONFIG),--config $(CONFIG)) $(if $(filter-out runs,$(OUT)),--out $(OUT)) $(ARGS)
 
 ## Each fast path against its naive reference, side by side: ratios in OUT/bench/bench.json.
 bench: install

@@ -23,7 +23,7 @@ SHORTCUT_POOLS = ("subsample", "avg")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
 LOGGER_MODES = ("online", "offline", "disabled")
 # Keys under ``model`` that configure the training, not the builder.
-NOT_BUILDER_KEYS = ("arch", "channels_last", "compile")
+NOT_BUILDER_KEYS = ("arch", "channels_last", "compile", "library", "weights", "library_version", "weights_sha256")
 
 
 def analysis_names() -> tuple[str, ...]:
@@ -49,6 +49,11 @@ class ModelConfig:
     width: int | None = None  # channels of the first stage (16 CIFAR, 64 ImageNet)
     channels_last: bool = False  # NHWC memory format (faster convolutions on GPUs with bf16)
     compile: str | None = None  # torch.compile mode: default | reduce-overhead (CUDA graphs) | max-autotune
+    # A library model analysed by resens.analyze --model (arch and its keys are then unused):
+    library: str | None = None  # LIB:NAME, e.g. torchvision:resnet50, timm:vit_small_patch16_224
+    weights: str | None = None  # its weights: a file, "random", or the default weights' name
+    library_version: str | None = None  # the library's version
+    weights_sha256: str | None = None  # of the weights file ("random" for random weights)
 
 
 @dataclass
@@ -154,6 +159,7 @@ class AnalysisConfig:
     quick: bool = False  # fewer trials and samples, for CPU runs
     seed: int = 0
     max_batches: int | None = None  # limit on test batches per evaluation; None: the whole set
+    max_images: int | None = None  # imagefolder data: a class-balanced, seeded subset of this size
     multi_deletion: MultiDeletionConfig = field(default_factory=MultiDeletionConfig)
     reorder: ReorderConfig = field(default_factory=ReorderConfig)
     duplication: DuplicationConfig = field(default_factory=DuplicationConfig)
@@ -276,7 +282,8 @@ def _check_protocol(cfg: DictConfig) -> None:
     """Overrides of the lesion protocol, resolved against the network's structure (built on the
     meta device: no memory, no weights), so a bad one fails now rather than after training."""
     p = cfg.analysis.protocol
-    if p.exclude is None and p.reorder_stages is None:
+    # A library model's protocol is resolved against it once built (resens.analyze).
+    if (p.exclude is None and p.reorder_stages is None) or cfg.model.library is not None:
         return
     import torch
 
@@ -372,7 +379,7 @@ def _check_analysis(a: DictConfig) -> None:
     _at_least(
         a,
         "analysis",
-        "max_batches multi_deletion.k_max multi_deletion.trials reorder.max_swaps reorder.trials "
+        "max_batches max_images multi_deletion.k_max multi_deletion.trials reorder.max_swaps reorder.trials "
         "duplication.k_max duplication.trials path_gradient.samples_per_length "
         "path_gradient.batch_size path_gradient.batches path_gradient.lengths",
         1,
@@ -392,6 +399,8 @@ def _check_paths(cfg: DictConfig) -> None:
     # ImageNet cannot be downloaded: its folder must exist whatever data.download says.
     if d.name == "imagenet" and not Path(d.root).is_dir():
         raise ConfigError(f"data.root: ImageNet folder '{d.root}' not found (set data.root=...)")
+    if d.name == "imagefolder" and not Path(d.root).is_dir():
+        raise ConfigError(f"data.root: image folder '{d.root}' not found (set DATA=/path/to/folder)")
     if cfg.resume not in (None, "last") and not Path(cfg.resume).is_file():
         raise ConfigError(f"resume: checkpoint not found: {cfg.resume} (a .ckpt file, or last)")
     if cfg.analysis.compare_with is not None:

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from resens.errors import DataError
 
-DATASETS = ("cifar10", "imagenet", "digits", "synthetic")
+DATASETS = ("cifar10", "imagenet", "digits", "synthetic", "imagefolder")
 
 
 class TransformSubset(Dataset):
@@ -146,6 +146,7 @@ def _modules() -> dict[str, type[ResensDataModule]]:
     # Imported here: the submodules import ResensDataModule from this package.
     from resens.data.cifar10 import CIFAR10DataModule
     from resens.data.digits import DigitsDataModule
+    from resens.data.imagefolder import ImageFolderDataModule
     from resens.data.imagenet import ImageNetDataModule
     from resens.data.synthetic import SyntheticDataModule
 
@@ -154,6 +155,7 @@ def _modules() -> dict[str, type[ResensDataModule]]:
         "imagenet": ImageNetDataModule,
         "digits": DigitsDataModule,
         "synthetic": SyntheticDataModule,
+        "imagefolder": ImageFolderDataModule,
     }
     return {name: modules[name] for name in DATASETS}
 
