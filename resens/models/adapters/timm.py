@@ -120,10 +120,14 @@ def adapt(model: nn.Module) -> ResidualNet:
     )
 
 
-def create(name: str, num_classes: int | None = None) -> nn.Module:
-    """timm's ``name`` with random weights (``num_classes``: its default if None)."""
+def _known(name: str) -> None:
     if not timm.is_model(name):
         raise AdapterError(f"unknown model timm:{name} (see timm.list_models('resnet*'), ('vit_*'))")
+
+
+def create(name: str, num_classes: int | None = None) -> nn.Module:
+    """timm's ``name`` with random weights (``num_classes``: its default if None)."""
+    _known(name)
     model = timm.create_model(name, pretrained=False, **({} if num_classes is None else {"num_classes": num_classes}))
     if not isinstance(model, FAMILIES):
         raise AdapterError(f"timm:{name} is a {type(model).__name__}; resens adapts ResNet, ResNetV2 and VisionTransformer")
@@ -145,6 +149,7 @@ def default_weights(name: str) -> tuple[str, list[str]]:
     network. An existing file comes first."""
     from huggingface_hub import constants, try_to_load_from_cache
 
+    _known(name)
     cfg = timm.models.get_pretrained_cfg(name)
     if cfg is None:
         raise AdapterError(f"timm:{name} has no default pretrained weights; pass WEIGHTS=file")

@@ -45,10 +45,14 @@ def names() -> list[str]:
     return [n for n in list_models(module=torchvision.models) if "resne" in n]
 
 
-def create(name: str, num_classes: int | None = None) -> nn.Module:
-    """torchvision's ``name`` with random weights (``num_classes``: its default, 1000, if None)."""
+def _known(name: str) -> None:
     if name not in list_models(module=torchvision.models):
         raise AdapterError(f"unknown model torchvision:{name} (ResNets: {', '.join(names())})")
+
+
+def create(name: str, num_classes: int | None = None) -> nn.Module:
+    """torchvision's ``name`` with random weights (``num_classes``: its default, 1000, if None)."""
+    _known(name)
     model = get_model(name, weights=None, **({} if num_classes is None else {"num_classes": num_classes}))
     if not isinstance(model, ResNet):
         raise AdapterError(f"torchvision:{name} is not a ResNet; resens adapts {', '.join(names())}")
@@ -62,6 +66,7 @@ def classifier_key(model: nn.Module) -> str:
 def default_weights(name: str) -> tuple[str, list[str]]:
     """``(label, files)``: the name of the model's default weights and the file torchvision reads
     them from when cached (``torch.hub.get_dir()/checkpoints``); nothing touches the network."""
+    _known(name)
     weights = get_model_weights(name).DEFAULT
     path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(urlparse(weights.url).path))
     return str(weights), [path]
