@@ -23,9 +23,9 @@ from torch import Tensor
 from torchmetrics.classification import MulticlassAccuracy
 
 from resens import config as config_lib
+from resens.analysis.protocol import resolve_protocol
 from resens.checkpoint import check_compatible, load_checkpoint
 from resens.data import build_datamodule
-from resens.analysis.protocol import resolve_protocol
 from resens.data.imagefolder import ImageFolderDataModule, image_folder
 from resens.errors import ConfigError, cli_main
 from resens.module import ResNetClassifier
