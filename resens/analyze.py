@@ -105,9 +105,10 @@ def analyze_library(
 
     if not data:
         raise ConfigError(f"{spec}: set DATA (--data) to an ImageNet-style folder (val/<class>/ or <class>/ folders)")
-    image_folder(data)  # a missing folder fails before the model is built
+    folder = image_folder(data)  # a missing folder fails before the model is built
+    classes = sum(1 for d in Path(folder).iterdir() if d.is_dir())
     cfg = config_lib.load(config, ["data.name=imagefolder", f"data.root={data}", f"model.library={spec}", *overrides])
-    lib = load_library_model(spec, weights, cfg.seed)
+    lib = load_library_model(spec, weights, cfg.seed, num_classes=classes)  # classes: random weights
     name = cfg.name if cfg.name != "run" else re.sub(r"[^A-Za-z0-9_.-]+", "-", spec)
     cfg = config_lib.from_dict({
         **config_lib.to_dict(cfg), "resume": None, "name": name,

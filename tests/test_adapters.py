@@ -21,6 +21,7 @@ from resens.analysis.protocol import resolve_protocol
 from resens.analyze import main as analyze_main
 from resens.data.imagefolder import balanced_subset
 from resens.models.adapters import AdapterError, adapt, family
+from tests.wandb_records import run_file, summarize_run
 
 timm = pytest.importorskip("timm")
 
@@ -265,5 +266,8 @@ def test_make_lesion_on_a_torchvision_resnet_and_an_image_folder(tmp_path):
     assert result["protocol"]["excluded"] == [0, 2, 4, 6]
     for key in ("single_deletion", "multi_deletion", "duplication", "path_lengths"):
         assert key in result["timings_s"]
+    run = summarize_run(run_file(out))
+    assert (run["job_type"], run["group"]) == ("analysis", "torchvision:resnet18")
+    assert run["config"]["model"]["library_version"] == torchvision.__version__
     config = (out / "config.yaml").read_text()
     assert "library: torchvision:resnet18" in config and "name: imagefolder" in config

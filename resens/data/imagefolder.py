@@ -79,8 +79,8 @@ class ImageFolderDataModule(ResensDataModule):
             "images": len(indices),
             "of_images": len(full),
             "subset": "all images" if len(indices) == len(full) else (
-                f"first {len(indices)} of each class's images in a seeded order (seed {self.subset_seed}), "
-                "classes taken in turn"
+                f"{len(indices)} images: each class's images in a seeded order (seed {self.subset_seed}), "
+                "the classes taken in turn"
             ),
             "files_sha256": hashlib.sha256("\n".join(files).encode()).hexdigest(),
         }

@@ -118,9 +118,12 @@ def _load_into(model: nn.Module, state: dict[str, torch.Tensor], spec: str, path
     model.load_state_dict(state)
 
 
-def load_library_model(spec: str, weights: str | Path | None = None, seed: int = 0) -> LibraryModel:
+def load_library_model(
+    spec: str, weights: str | Path | None = None, seed: int = 0, num_classes: int | None = None
+) -> LibraryModel:
     """Build ``spec`` (``LIB:NAME``) with ``weights``: a state-dict file (its classifier decides
-    the number of classes), ``"random"`` (seeded by ``seed``) or ``None`` (the library's default
+    the number of classes), ``"random"`` (seeded by ``seed``, ``num_classes`` classes; None: the
+    library's default) or ``None`` (the library's default
     weights, read from its local cache; if they are not there, a one-line error says where to put
     the file). Raises ``AdapterError`` for an unknown name, a missing library, or weights of
     another architecture."""
@@ -137,7 +140,7 @@ def load_library_model(spec: str, weights: str | Path | None = None, seed: int =
         original, weights_label, digest = fam.load_default(name, found[0]), label, sha256(found[0])
     elif str(weights) == "random":
         torch.manual_seed(seed)
-        original, weights_label, digest = fam.create(name), "random", "random"
+        original, weights_label, digest = fam.create(name, num_classes), "random", "random"
     else:
         path = Path(weights)
         state = read_state_dict(path)
