@@ -8,7 +8,6 @@ import re
 import secrets
 import time
 from pathlib import Path
-
 from typing import Any
 
 from omegaconf import DictConfig

@@ -21,10 +21,10 @@ from omegaconf import DictConfig
 
 from callbacks.training import Requeued, RNGState, RunFolder, SlurmRequeue, Throughput
 from resens import config as config_lib
+from resens.analysis import summary
 from resens.checkpoint import check_compatible, load_checkpoint
 from resens.data import build_datamodule
 from resens.errors import ConfigError, cli_main
-from resens.analysis import summary
 from resens.module import ResNetClassifier, eval_split, metric_definitions
 from resens.runs import RUN_ID_ENV, resolve_run, wandb_id
 from resens.wandb_logger import ResilientWandbLogger, make_logger

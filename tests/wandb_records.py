@@ -7,6 +7,7 @@ of chunks, each with a 7-byte header (crc32c, length, type) and a piece of a pro
 from __future__ import annotations
 
 import json
+import re
 import struct
 from pathlib import Path
 
@@ -104,3 +105,26 @@ def summarize_run(path: str | Path) -> dict:
         elif kind == "use_artifact":
             out["used_artifacts"].append(r.use_artifact.name)
     return out
+
+
+DOCS = Path(__file__).parent.parent / "docs" / "wandb.md"
+
+
+def check_headline_summary(run_dir: str | Path) -> set[str]:
+    """Assert that the W&B summary of the run in ``run_dir`` holds every headline number of its
+    ``analysis.json`` (``resens.analysis.summary.headline``) under ``analysis/``, and that each
+    of its headline keys is documented in docs/wandb.md; returns the keys checked."""
+    from resens.analysis import summary
+
+    run_dir = Path(run_dir)
+    run = summarize_run(run_file(run_dir))
+    data = json.loads((run_dir / "analysis.json").read_text())
+    expected = {f"analysis/{k}": v for k, v in summary.headline(data).items()}
+    for key, value in expected.items():
+        assert abs(run["summary"][key] - value) < 1e-9, key
+    training = {k for k in run["summary"] if k.endswith(("/best_error", "/best_epoch", "/final_error"))}
+    documented = DOCS.read_text()
+    for key in [*expected, *training]:
+        generic = re.sub(r"_k\d+$", "_k{k}", re.sub(r"_swaps\d+$", "_swaps{s}", key))
+        assert f"`{generic}`" in documented, f"{key} is not documented in {DOCS.name}"
+    return {*expected, *training}
