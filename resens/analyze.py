@@ -18,7 +18,7 @@ from resens.checkpoint import check_compatible, load_checkpoint
 from resens.data import build_datamodule
 from resens.errors import ConfigError, cli_main
 from resens.module import ResNetClassifier
-from resens.runs import lesion_run_id, lineage_of, run_dir_of, timestamp_suffix
+from resens.runs import lesion_run_id, lineage_of, run_dir_of
 from resens.train import build_trainer, finish_logging, resolved_settings, run_record, wandb_logger
 
 
@@ -38,14 +38,14 @@ def analyze(checkpoint: str | Path, config: str | None = None, out: str | None =
     except Exception as err:
         raise ConfigError(str(err).splitlines()[0]) from None
     run_dir = run_dir_of(checkpoint)
-    out_dir = Path(out) if out else run_dir / f"lesion-{timestamp_suffix()}"
+    run_id = lesion_run_id(run_dir.name)
+    out_dir = Path(out) if out else run_dir / run_id.removeprefix(f"{run_dir.name}-")  # lesion-<time>
     # Checked with its paths as a run's config is; an analysis resumes nothing, writes to out_dir.
     cfg = config_lib.from_dict({
         **config_lib.to_dict(cfg), "resume": None, "out_dir": str(out_dir),
         "logger": {**config_lib.to_dict(cfg.logger), "job_type": "analysis"},
     }, paths=True)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    run_id = lesion_run_id(run_dir.name)
     hp = ckpt["hyper_parameters"]
     datamodule = build_datamodule(cfg.data, hp["per_device_batch"])
     datamodule.setup("test")  # a bad data folder fails here, before any output exists

@@ -26,7 +26,7 @@ from resens.checkpoint import check_compatible, load_checkpoint
 from resens.data import build_datamodule
 from resens.errors import ConfigError, cli_main
 from resens.module import ResNetClassifier, eval_split, metric_definitions
-from resens.runs import RUN_ID_ENV, resolve_run, wandb_id
+from resens.runs import RUN_ID_ENV, resolve_run, slurm_requeued, wandb_id
 from resens.wandb_logger import ResilientWandbLogger, make_logger
 
 
@@ -179,7 +179,7 @@ def train(cfg: DictConfig) -> Path:
         }
         trainer = build_trainer(
             cfg, run_dir, run_id, [best, last, LearningRateMonitor("step"), Throughput()],
-            wandb_root=Path(cfg.out_dir), resume=ckpt_path is not None, extra_config=extra,
+            wandb_root=Path(cfg.out_dir), resume=ckpt_path is not None or slurm_requeued(), extra_config=extra,
         )
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
         if trainer.is_global_zero:
