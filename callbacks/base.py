@@ -12,6 +12,7 @@ each one, rank 0 writes ``analysis.json`` and the headline numbers to the W&B su
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -33,6 +34,31 @@ from resens.analysis.reference import Overlay
 # Cache the test set in memory when it is at most this many bytes (CIFAR-10: 123 MB).
 CACHE_BYTES = 4 << 30
 
+# ``analysis.quick`` caps these settings, (section, key) of ``analysis``, at these values.
+QUICK_CAPS: dict[tuple[str, str], int] = {
+    ("multi_deletion", "trials"): 10,
+    ("reorder", "trials"): 10,
+    ("duplication", "trials"): 10,
+    ("path_gradient", "samples_per_length"): 20,
+    ("path_gradient", "batches"): 2,
+}
+
+
+def effective(cfg: DictConfig, section: str, key: str) -> int:
+    """``analysis.<section>.<key>`` as the analyses use it (``cfg``: the ``analysis`` section):
+    capped by :data:`QUICK_CAPS` under ``analysis.quick``."""
+    value = cfg[section][key]
+    cap = QUICK_CAPS.get((section, key))
+    return min(value, cap) if cfg.quick and cap is not None else value
+
+
+def effective_settings(cfg: DictConfig) -> dict[str, dict[str, int]]:
+    """Every setting :data:`QUICK_CAPS` names, as the run uses it: ``{section: {key: value}}``."""
+    out: dict[str, dict[str, int]] = {}
+    for section, key in QUICK_CAPS:
+        out.setdefault(section, {})[key] = effective(cfg, section, key)
+    return out
+
 
 class AnalysisContext:
     """What the analyses of one run share: their results so far, the test shard, the loggers."""
@@ -44,6 +70,8 @@ class AnalysisContext:
         self.timings: dict[str, float] = {}
         self._test_batches: list[tuple[Tensor, Tensor]] | None = None
         self._protocol: LesionProtocol | None = None
+        self._pending: dict[str, Any] = {}  # W&B logs of the current analysis, until commit()
+        self._step = 0
 
     def protocol(self, model: torch.nn.Module) -> LesionProtocol:
         """The blocks each lesion may touch: the model family's rules (the authors'), with the
@@ -134,39 +162,72 @@ class AnalysisContext:
                 return logger.experiment
         return None
 
-    def log_table(self, name: str, columns: list[str], rows: list[list[Any]], line: tuple[str, str] | None = None, title: str = "") -> None:
-        """A W&B table under ``analysis/<name>``, plus a native line plot of two of its columns."""
-        run = self.wandb()
-        if run is None:
+    def log_table(
+        self, name: str, columns: list[str], rows: list[list[Any]], line: tuple[str, str] | None = None,
+        title: str = "", log_y: bool = False,
+    ) -> None:
+        """The rows as a W&B table and, with ``line=(x, y)``, a native line chart of y against x,
+        each logged once, in this analysis's commit (:meth:`commit`):
+
+        - x unique per row: the chart ``analysis/<name>/plot``, whose table (W&B's
+          ``analysis/<name>/plot_table``) is the rows themselves;
+        - x repeated (trials): the rows as ``analysis/<name>/table`` and a chart of the mean of y
+          per x with its spread, mean ± one standard deviation (``summary.mean_and_spread``);
+        - ``log_y``: the chart plots a ``log10_<y>`` column (W&B's line chart has no log axis).
+        """
+        if self.wandb() is None:
             return
         import wandb
 
-        table = wandb.Table(columns=columns, data=rows)
-        payload = {f"analysis/{name}/table": table}
-        if line is not None:
-            payload[f"analysis/{name}/plot"] = wandb.plot.line(table, line[0], line[1], title=title or name)
-        run.log(payload)
+        title = title or name
+        if line is None:
+            self._pending[f"analysis/{name}/table"] = wandb.Table(columns=columns, data=rows)
+            return
+        x, y = line
+        xi, yi = columns.index(x), columns.index(y)
+        if len({r[xi] for r in rows}) == len(rows):
+            if log_y:
+                columns = [*columns, f"log10_{y}"]
+                rows = [[*r, math.log10(r[yi]) if r[yi] > 0 else math.nan] for r in rows]
+                y, title = f"log10_{y}", f"{title} (log10)"
+            table = wandb.Table(columns=columns, data=rows)
+            self._pending[f"analysis/{name}/plot"] = wandb.plot.line(table, x, y, title=title)
+            return
+        self._pending[f"analysis/{name}/table"] = wandb.Table(columns=columns, data=rows)
+        stats = summary.mean_and_spread([dict(zip(columns, r)) for r in rows], x, y)
+        xs = [s["x"] for s in stats]
+        self._pending[f"analysis/{name}/plot"] = wandb.plot.line_series(
+            xs, [[s["mean"] for s in stats], [s["mean"] - s["std"] for s in stats], [s["mean"] + s["std"] for s in stats]],
+            keys=[f"mean {y}", "mean - 1 sd", "mean + 1 sd"], title=f"{title} (mean ± 1 sd of the trials)", xname=x,
+        )
 
     def log_figure(self, name: str, fig) -> None:
-        """Save ``fig`` as ``<run>/figures/<name>.png`` and log it to W&B."""
+        """Save ``fig`` as ``<run>/figures/<name>.png`` and log it to W&B (in this analysis's commit)."""
         import matplotlib.pyplot as plt
 
         out = self.run_dir / "figures" / f"{name.replace('/', '_')}.png"
         out.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(out, dpi=150, bbox_inches="tight")
-        run = self.wandb()
-        if run is not None:
+        if self.wandb() is not None:
             import wandb
 
-            run.log({f"analysis/{name}/figure": wandb.Image(str(out))})
+            self._pending[f"analysis/{name}/figure"] = wandb.Image(str(out))
         plt.close(fig)
+
+    def commit(self) -> None:
+        """Log what the current analysis logged with ``log_table`` and ``log_figure`` as one W&B
+        history step, ``analysis/step`` = 1, 2, ... (one per analysis that logged anything)."""
+        run = self.wandb()
+        if run is not None and self._pending:
+            self._step += 1
+            run.log({**self._pending, "analysis/step": self._step})
+        self._pending = {}
 
     def log_summary(self, values: dict[str, float]) -> None:
         """Set ``analysis/<key>`` in the W&B run summary for each of ``values``."""
         run = self.wandb()
         if run is not None:
-            for k, v in values.items():
-                run.summary[f"analysis/{k}"] = v
+            run.summary.update({f"analysis/{k}": v for k, v in values.items()})
 
     def progress(self, description: str, total: int | None) -> ProgressBar:
         return ProgressBar(self.trainer, description, total)
@@ -276,6 +337,7 @@ class AnalysisRunner(L.Callback):
             if trainer.is_global_zero:
                 if result is not None:
                     analysis.report(ctx, model, result)
+                ctx.commit()
                 ctx.log_summary(summary.headline(ctx.results))
                 ctx.save()
         return ctx

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from callbacks.base import Analysis, AnalysisContext, register_analysis
+from callbacks.base import Analysis, AnalysisContext, effective, register_analysis
 from resens.analysis import plots, variants
 from resens.models import stage_of_blocks
 
@@ -34,10 +34,10 @@ def _label(ctx: AnalysisContext, model: nn.Module) -> str:
     return f"{name}, {ctx.protocol(model).describe()}"
 
 
-def _random_sets(cfg, section, allowed: list[int], sampler, g: torch.Generator) -> list[tuple[int, list[int]]]:
-    """``(k, blocks)`` for k = 1..k_max: ``section.trials`` sets of k distinct blocks of
-    ``allowed`` per k, drawn by ``sampler`` (at most 10 per k with ``analysis.quick``)."""
-    trials = min(section.trials, 10) if cfg.quick else section.trials
+def _random_sets(cfg, name: str, allowed: list[int], sampler, g: torch.Generator) -> list[tuple[int, list[int]]]:
+    """``(k, blocks)`` for k = 1..k_max: ``analysis.<name>.trials`` sets of k distinct blocks of
+    ``allowed`` per k, drawn by ``sampler`` (capped with ``analysis.quick``: ``effective``)."""
+    section, trials = cfg[name], effective(cfg, name, "trials")
     return [
         (k, blocks)
         for k in range(1, min(section.k_max, len(allowed)) + 1)
@@ -100,7 +100,7 @@ class MultiDeletion(Analysis):
 
     def compute(self, ctx, model, device):
         allowed = list(ctx.protocol(model).multi_deletion)
-        sets = _random_sets(self.cfg, self.cfg.multi_deletion, allowed, variants.sample_deletions, self.generator(1))
+        sets = _random_sets(self.cfg, "multi_deletion", allowed, variants.sample_deletions, self.generator(1))
         n = len(model.blocks)
         vs = [variants.intact(n)] + [variants.deletion_variant(n, b) for _, b in sets]
         errors = variant_errors(ctx, self.cfg, model, device, vs, "deleting k blocks")
@@ -134,7 +134,7 @@ class Reorder(Analysis):
         trials = [
             (k, variants.sample_swaps(ranges, k, g))
             for k in range(1, c.max_swaps + 1)
-            for _ in range(min(c.trials, 10) if self.cfg.quick else c.trials)
+            for _ in range(effective(self.cfg, "reorder", "trials"))
         ]
         orders = [variants.apply_swaps(n, pairs) for _, pairs in trials]
         errors = variant_errors(ctx, self.cfg, model, device, orders, "reordering blocks")
@@ -172,7 +172,7 @@ class Duplication(Analysis):
         allowed = list(ctx.protocol(model).duplication)
         if not allowed:
             return None
-        sets = _random_sets(self.cfg, self.cfg.duplication, allowed, variants.sample_duplications, self.generator(3))
+        sets = _random_sets(self.cfg, "duplication", allowed, variants.sample_duplications, self.generator(3))
         n = len(model.blocks)
         vs = [variants.duplication_variant(n, b) for _, b in sets]
         errors = variant_errors(ctx, self.cfg, model, device, vs, "duplicating k blocks")

@@ -7,7 +7,7 @@ import json
 import math
 from pathlib import Path
 
-from callbacks.base import Analysis, register_analysis
+from callbacks.base import Analysis, effective, register_analysis
 from resens.analysis import paths, plots, summary
 from resens.analysis.stochastic_depth import summarize_stochastic_depth
 from resens.errors import ConfigError
@@ -51,8 +51,8 @@ class PathGradient(Analysis):
         c = self.cfg.path_gradient
         n = len(model.blocks)
         lengths = list(c.lengths) if c.lengths is not None else list(range(n + 1))
-        samples = min(c.samples_per_length, 20) if self.cfg.quick else c.samples_per_length
-        n_batches = min(c.batches, 2) if self.cfg.quick else c.batches
+        samples = effective(self.cfg, "path_gradient", "samples_per_length")
+        n_batches = effective(self.cfg, "path_gradient", "batches")
         dm = ctx.trainer.datamodule
         dm.setup("fit")
         batches = list(itertools.islice(dm.analysis_train_dataloader(c.batch_size, self.cfg.seed), n_batches))
@@ -73,7 +73,7 @@ class PathGradient(Analysis):
     def report(self, ctx, model, rows):
         ctx.log_table("paths/gradient", ["length", "samples", "mean_norm", "std_norm"],
                       [[r["length"], r["samples"], r["mean_norm"], r["std_norm"]] for r in rows],
-                      line=("length", "mean_norm"), title="gradient norm against path length")
+                      line=("length", "mean_norm"), title="gradient norm against path length", log_y=True)
         ctx.log_figure("paths/gradient", plots.path_gradient(rows))
 
 

@@ -12,7 +12,6 @@ import argparse
 import json
 import re
 import sys
-import time
 from pathlib import Path
 
 import lightning as L
@@ -29,12 +28,15 @@ from resens.data import build_datamodule
 from resens.data.imagefolder import ImageFolderDataModule, image_folder
 from resens.errors import ConfigError, cli_main
 from resens.module import ResNetClassifier
-from resens.runs import run_dir_of
-from resens.train import build_trainer, finish_logging
+from resens.runs import lesion_run_id, lineage_of, run_dir_of
+from resens.train import build_trainer, finish_logging, resolved_settings, run_record, wandb_logger
 
 
 def analyze(checkpoint: str | Path, config: str | None = None, out: str | None = None, overrides=()) -> Path:
-    """Load ``checkpoint`` safely, run the configured analyses, write them under ``out``."""
+    """Load ``checkpoint`` safely, run the configured analyses, write them under ``out``.
+
+    A W&B run of job type ``analysis`` in the W&B folder of the training run's output root
+    (with ``out``: of ``out``'s parent); its config traces the checkpoint (``lineage``)."""
     ckpt = load_checkpoint(checkpoint)
     saved = config_lib.from_dict(ckpt["hyper_parameters"]["cfg"])
     cfg = saved
@@ -45,12 +47,15 @@ def analyze(checkpoint: str | Path, config: str | None = None, out: str | None =
         cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
     except Exception as err:
         raise ConfigError(str(err).splitlines()[0]) from None
-    # Checked with its paths as a run's config is; an analysis resumes nothing.
-    cfg = config_lib.from_dict({**config_lib.to_dict(cfg), "resume": None}, paths=True)
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
     run_dir = run_dir_of(checkpoint)
-    out_dir = Path(out) if out else run_dir / f"lesion-{time.strftime('%Y%m%d-%H%M%S')}"
-    run_id = f"{run_dir.name}-lesion-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_id = lesion_run_id(run_dir.name)
+    out_dir = Path(out) if out else run_dir / run_id.removeprefix(f"{run_dir.name}-")  # lesion-<time>
+    # Checked with its paths as a run's config is; an analysis resumes nothing, writes to out_dir.
+    cfg = config_lib.from_dict({
+        **config_lib.to_dict(cfg), "resume": None, "out_dir": str(out_dir),
+        "logger": {**config_lib.to_dict(cfg.logger), "job_type": "analysis"},
+    }, paths=True)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
     hp = ckpt["hyper_parameters"]
     datamodule = build_datamodule(cfg.data, hp["per_device_batch"])
     datamodule.setup("test")  # a bad data folder fails here, before any output exists
@@ -62,7 +67,15 @@ def analyze(checkpoint: str | Path, config: str | None = None, out: str | None =
             f"data '{cfg.data.name}' has {datamodule.num_classes} classes and {datamodule.in_channels} "
             f"channels; the checkpoint was trained on {hp['num_classes']} and {hp['in_channels']}"
         )
-    trainer = build_trainer(cfg, out_dir, run_id, [], job_type="analysis")
+    lineage = lineage_of(checkpoint, saved)
+    extra = {"resolved": resolved_settings(cfg, module), "run": run_record(out_dir, run_id, "lesion"), "lineage": lineage}
+    trainer = build_trainer(
+        cfg, out_dir, run_id, [], job_type="analysis", wandb_root=out_dir.parent if out else run_dir.parent,
+        extra_config=extra,
+    )
+    logger = wandb_logger(trainer)
+    if logger is not None and trainer.is_global_zero:
+        logger.use_checkpoint(lineage["train_run"]["wandb_id"], lineage["checkpoint_sha256"])
     trainer.test(module, datamodule=datamodule, verbose=False)
     finish_logging(trainer)
     if trainer.is_global_zero:

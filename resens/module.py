@@ -13,6 +13,28 @@ from resens import config as config_lib
 from resens.errors import ResensError
 from resens.models import ResidualNet, model_arguments
 from resens.models import build_model as registry_build
+from resens.wandb_logger import EPOCH, Metric
+
+
+def eval_split(cfg: DictConfig) -> str:
+    """The name of the split training evaluates on each epoch: ``val`` when ``data.val_split``
+    holds out training images, else ``test`` (the test set validates, as in fb.resnet.torch), so
+    that a key means the same data in every run."""
+    return "val" if cfg.data.val_split else "test"
+
+
+def metric_definitions(cfg: DictConfig) -> list[Metric]:
+    """The step axis and W&B summary of each metric the module logs: epoch-level ones on
+    ``trainer/epoch``; errors and losses keep their minimum (the evaluation error also its last
+    value, the final error); throughput its maximum."""
+    split = eval_split(cfg)
+    return [
+        Metric(f"{split}/error", EPOCH, "min,last"),
+        Metric(f"{split}/loss", EPOCH, "min,last"),
+        Metric("train/error", EPOCH, "min,last"),
+        Metric("train/loss_epoch", EPOCH, "min,last"),
+        Metric("train/images_per_s", EPOCH, "max"),
+    ]
 
 
 class NonFiniteLossError(ResensError):
@@ -45,6 +67,7 @@ class ResNetClassifier(L.LightningModule):
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.eval_split = eval_split(self.cfg)
         self.register_buffer("_nonfinite", torch.tensor(False), persistent=False)
         m = self.cfg.model
         self._memory_format = torch.channels_last if m.channels_last else torch.contiguous_format
@@ -89,10 +112,10 @@ class ResNetClassifier(L.LightningModule):
         x, y = batch
         logits = self(x)
         self.val_acc.update(logits, y)
-        self.log("val/loss", F.cross_entropy(logits, y), on_epoch=True, sync_dist=True)
+        self.log(f"{self.eval_split}/loss", F.cross_entropy(logits, y), on_epoch=True, sync_dist=True)
 
     def on_validation_epoch_end(self) -> None:
-        self.log("val/error", 1 - self.val_acc.compute(), prog_bar=True)
+        self.log(f"{self.eval_split}/error", 1 - self.val_acc.compute(), prog_bar=True)
         self.val_acc.reset()
 
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
@@ -115,7 +138,8 @@ class ResNetClassifier(L.LightningModule):
         )
         steps_per_epoch = max(1, self.trainer.estimated_stepping_batches // max(1, self.trainer.max_epochs))
         sched = torch.optim.lr_scheduler.LambdaLR(opt, _StepSchedule(o, lr, steps_per_epoch))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        # "name": LearningRateMonitor logs it as train/lr (else the bare "lr-SGD")
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "name": "train/lr"}}
 
     def peak_lr(self) -> float:
         o = self.cfg.optim

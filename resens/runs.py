@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import secrets
 import time
 from pathlib import Path
+from typing import Any
 
 from omegaconf import DictConfig
 
 from resens.errors import ConfigError
 
 RUN_ID_ENV = "RESENS_RUN_ID"
+WANDB_ID_MAX = 64  # W&B run ids are path components of URLs: kept short
 
 
 def slug(text: str, max_len: int = 60, dots: bool = True) -> str:
@@ -21,6 +24,28 @@ def slug(text: str, max_len: int = 60, dots: bool = True) -> str:
     trailing ``-`` go, then the first ``max_len`` characters; ``"run"`` if nothing is left."""
     kept = "A-Za-z0-9_.-" if dots else "A-Za-z0-9_-"
     return re.sub(f"[^{kept}]+", "-", text).strip("-")[:max_len] or "run"
+
+
+def wandb_id(run_id: str) -> str:
+    """The W&B run id of run ``run_id``: ``run_id`` made W&B-safe (no dots); when that is over
+    ``WANDB_ID_MAX`` characters, its head and a hash of the whole id, so that two runs whose
+    ids differ only near the end (their timestamps) never share a W&B run."""
+    safe = slug(run_id, max_len=len(run_id) + 1, dots=False)
+    if len(safe) <= WANDB_ID_MAX:
+        return safe
+    digest = hashlib.sha1(run_id.encode()).hexdigest()[:10]
+    return f"{safe[: WANDB_ID_MAX - 11].rstrip('-')}-{digest}"
+
+
+def timestamp_suffix() -> str:
+    """``YYYYmmdd-HHMMSS-xxxx``: readable, and unique within one second by its random part."""
+    return f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
+
+
+def lesion_run_id(train_run: str) -> str:
+    """The id of a new lesion run of the training run ``train_run``: its id, ``-lesion-``, a
+    timestamp and a random part (two lesion runs of one checkpoint never share an id)."""
+    return f"{train_run}-lesion-{timestamp_suffix()}"
 
 
 def slurm_job_id() -> str | None:
@@ -83,9 +108,34 @@ def resolve_run(cfg: DictConfig) -> tuple[Path, str, Path | None]:
     run_id = os.environ.get(RUN_ID_ENV)
     job = slurm_job_id()
     if run_id is None:
-        suffix = f"slurm{job}" if job else f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
+        suffix = f"slurm{job}" if job else timestamp_suffix()
         run_id = f"{slug(cfg.name)}-{suffix}"
         os.environ[RUN_ID_ENV] = run_id  # inherited by the DDP worker processes Lightning starts
     run_dir = Path(cfg.out_dir) / run_id
     # Job ids are unique, so a checkpoint in this job's folder comes from an earlier attempt of it.
     return run_dir, run_id, newest_checkpoint(run_dir) if job else None
+
+
+def sha256_of(path: str | Path) -> str:
+    """The hex sha256 of the file at ``path`` (read in 1 MiB pieces)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for piece in iter(lambda: f.read(1 << 20), b""):
+            digest.update(piece)
+    return digest.hexdigest()
+
+
+def lineage_of(checkpoint: str | Path, trained: DictConfig) -> dict[str, Any]:
+    """Where a checkpoint comes from, for the config of a run that analyses it: its path and
+    sha256, and the training run (``trained``: the config the checkpoint carries) by its id, W&B
+    id, name, group and folder. The run folder's name is the training run's id."""
+    path = Path(checkpoint).resolve()
+    run_dir = run_dir_of(path)
+    return {
+        "checkpoint": str(path),
+        "checkpoint_sha256": sha256_of(path),
+        "train_run": {
+            "id": run_dir.name, "wandb_id": wandb_id(run_dir.name), "name": run_dir.name,
+            "group": trained.logger.group or trained.name, "dir": str(run_dir),
+        },
+    }

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 from lightning.fabric.plugins.environments import SLURMEnvironment
@@ -19,11 +21,12 @@ from omegaconf import DictConfig
 
 from callbacks.training import Requeued, RNGState, RunFolder, SlurmRequeue, Throughput
 from resens import config as config_lib
+from resens.analysis import summary
 from resens.checkpoint import check_compatible, load_checkpoint
 from resens.data import build_datamodule
 from resens.errors import ConfigError, cli_main
-from resens.module import ResNetClassifier
-from resens.runs import RUN_ID_ENV, resolve_run
+from resens.module import ResNetClassifier, eval_split, metric_definitions
+from resens.runs import RUN_ID_ENV, resolve_run, slurm_requeued, wandb_id
 from resens.wandb_logger import ResilientWandbLogger, make_logger
 
 
@@ -75,7 +78,34 @@ def check_devices(cfg: DictConfig) -> int:
     return world
 
 
-def build_trainer(cfg: DictConfig, run_dir: Path, run_id: str, callbacks: list[L.Callback], job_type=None) -> L.Trainer:
+def resolved_settings(cfg: DictConfig, module: ResNetClassifier) -> dict[str, Any]:
+    """What the run resolved beyond its config, for the W&B config's ``resolved`` section: the
+    data's classes and channels, the per-device batch, the number of processes, the peak learning
+    rate, the evaluation split's name and every setting ``analysis.quick`` caps, as used."""
+    from callbacks.base import effective_settings
+
+    hp = module.hparams
+    return {
+        "num_classes": hp["num_classes"], "in_channels": hp["in_channels"],
+        "per_device_batch": hp["per_device_batch"], "world_size": check_devices(cfg),
+        "peak_lr": module.peak_lr(), "eval_split": eval_split(cfg),
+        "analysis": effective_settings(cfg.analysis),
+    }
+
+
+def run_record(run_dir: Path, run_id: str, analysis: str) -> dict[str, Any]:
+    """The W&B config's ``run`` section: the run's id, W&B id and folder, and ``analysis``:
+    where its analyses ran (``end_of_training``, ``lesion``, or ``none``)."""
+    return {"id": run_id, "wandb_id": wandb_id(run_id), "dir": str(run_dir), "analysis": analysis}
+
+
+def build_trainer(
+    cfg: DictConfig, run_dir: Path, run_id: str, callbacks: list[L.Callback], job_type: str | None = None,
+    wandb_root: Path | None = None, resume: bool = False, extra_config: dict[str, Any] | None = None,
+) -> L.Trainer:
+    """The Trainer of a run in ``run_dir``: its callbacks, the analyses of ``cfg``, and the W&B
+    logger (``resens.wandb_logger.make_logger``: folder ``<wandb_root>/wandb``, default the
+    parent of ``run_dir``; ``resume`` and ``extra_config`` go to it)."""
     from callbacks import build_analysis_callbacks
 
     kwargs = trainer_kwargs(cfg)
@@ -90,7 +120,9 @@ def build_trainer(cfg: DictConfig, run_dir: Path, run_id: str, callbacks: list[L
         all_callbacks.append(SlurmRequeue())
     trainer = L.Trainer(
         default_root_dir=str(run_dir),
-        logger=make_logger(cfg, run_dir, run_id, job_type),
+        logger=make_logger(
+            cfg, wandb_root or run_dir.parent, run_id, job_type, resume, extra_config, metric_definitions(cfg)
+        ),
         callbacks=all_callbacks,
         plugins=plugins,
         **kwargs,
@@ -132,7 +164,7 @@ def train(cfg: DictConfig) -> Path:
         best = ModelCheckpoint(
             dirpath=run_dir / "checkpoints",
             filename="best-epoch{epoch:03d}",
-            monitor="val/error",
+            monitor=f"{eval_split(cfg)}/error",
             mode="min",
             auto_insert_metric_name=False,
         )
@@ -141,10 +173,17 @@ def train(cfg: DictConfig) -> Path:
         last = ModelCheckpoint(
             dirpath=run_dir / "checkpoints", filename="last", enable_version_counter=False
         )
+        extra = {
+            "resolved": resolved_settings(cfg, module),
+            "run": run_record(run_dir, run_id, "end_of_training" if cfg.analysis.run else "none"),
+        }
         trainer = build_trainer(
-            cfg, run_dir, run_id, [best, last, LearningRateMonitor("step"), Throughput()]
+            cfg, run_dir, run_id, [best, last, LearningRateMonitor("step"), Throughput()],
+            wandb_root=Path(cfg.out_dir), resume=ckpt_path is not None or slurm_requeued(), extra_config=extra,
         )
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+        if trainer.is_global_zero:
+            log_training_outcome(trainer, best, last, eval_split(cfg))
         finish_logging(trainer)
         if trainer.is_global_zero:
             print(f"run folder: {run_dir}")
@@ -154,11 +193,36 @@ def train(cfg: DictConfig) -> Path:
             os.environ.pop(RUN_ID_ENV, None)
 
 
+def wandb_logger(trainer: L.Trainer) -> ResilientWandbLogger | None:
+    """The trainer's W&B logger, if it has one."""
+    return next((lg for lg in trainer.loggers if isinstance(lg, ResilientWandbLogger)), None)
+
+
+def log_training_outcome(trainer: L.Trainer, best: ModelCheckpoint, last: ModelCheckpoint, split: str) -> None:
+    """Rank 0, after fit: the training headline (``summary.training_headline``) in the W&B
+    summary, and the best and last checkpoints as model artifacts with those aliases."""
+    logger = wandb_logger(trainer)
+    if logger is None or not logger.started:
+        return
+    found = re.search(r"best-epoch(\d+)", Path(best.best_model_path).name) if best.best_model_path else None
+    last_error = trainer.callback_metrics.get(f"{split}/error")
+    logger.experiment.summary.update(summary.training_headline(
+        split,
+        None if best.best_model_score is None else float(best.best_model_score),
+        int(found[1]) if found else None,
+        None if last_error is None else float(last_error),
+    ))
+    logger.log_checkpoints({"best": best.best_model_path, "last": last.last_model_path or last.best_model_path})
+
+
 def finish_logging(trainer: L.Trainer) -> None:
-    """Close the W&B run so its files are complete on disk (offline runs are then syncable)."""
-    for logger in trainer.loggers:
-        if isinstance(logger, ResilientWandbLogger):
-            logger.finish()
+    """Log the run folder's analysis.json and figures as an artifact, then close the W&B run so
+    its files are complete on disk (offline runs are then syncable)."""
+    logger = wandb_logger(trainer)
+    if logger is not None:
+        if trainer.is_global_zero:
+            logger.log_outputs(trainer.default_root_dir)
+        logger.finish()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -167,7 +167,7 @@ def test_requeued_job_resumes_into_the_same_folder_and_wandb_run(job):
     restoring = f"Restoring states from the checkpoint path at {job.run_dir}/hpc_ckpt_1.ckpt"
     assert restoring in job.logs[1][0]  # logged by global rank 0
     assert json.loads((job.run_dir / "analysis.json").read_text()).keys() >= set(ANALYSES)
-    runs = sorted((job.run_dir / "wandb").glob("offline-run-*"))
+    runs = sorted((job.run_dir.parent / "wandb").glob("offline-run-*"))  # the root's W&B folder
     assert len(runs) == 2, runs
     ids = set()
     for folder in runs:

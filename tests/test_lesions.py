@@ -14,7 +14,7 @@ from resens.analysis import plots, reference
 from resens.analysis.protocol import resolve_protocol
 from resens.models import cifar_resnet, imagenet_resnet
 from resens.train import train
-from tests.wandb_records import run_file, summarize_run
+from tests.wandb_records import check_headline_summary, run_file, summarize_run
 
 ROOT = Path(__file__).parent.parent
 LESIONS = [
@@ -58,6 +58,23 @@ def test_duplication_runs_from_the_callback(run_dir):
     assert (run_dir / "figures" / "reorder.png").stat().st_size > 10_000
     keys = summarize_run(run_file(run_dir))["history_keys"]
     assert any(k.startswith("analysis/duplication/table") for k in keys)
+
+
+def test_every_headline_number_is_in_the_summary_and_documented(run_dir):
+    found = check_headline_summary(run_dir)
+    for k in (1, 2, 3):
+        assert {f"analysis/deletion/multi/mean_error_k{k}", f"analysis/duplication/mean_error_k{k}",
+                f"analysis/reorder/mean_error_swaps{k}"} <= found
+    assert {"analysis/deletion/single/mean_error", "analysis/deletion/single/max_error"} <= found
+
+
+def test_trial_charts_plot_the_mean_and_spread_and_keep_the_raw_trials(run_dir):
+    run = summarize_run(run_file(run_dir))
+    for name in ("deletion/multi", "reorder", "duplication"):
+        visual = run["config"][f"_wandb/visualize/analysis/{name}/plot"]
+        assert visual["panel_config"]["panelDefId"] == "wandb/lineseries/v0", name
+        assert any(k.startswith(f"analysis/{name}/table/") for k in run["history_keys"]), name
+    assert run["summary"]["analysis/reorder/table/nrows"] == 9  # 3 swaps x 3 trials, raw
 
 
 def test_make_lesion_runs_duplication_and_says_why_the_overlay_is_off(run_dir, tmp_path):

@@ -10,9 +10,10 @@ import wandb
 from lightning.pytorch.loggers import WandbLogger
 
 from resens import config
+from resens.runs import WANDB_ID_MAX, lesion_run_id, wandb_id
 from resens.wandb_logger import ResilientWandbLogger, make_logger
 from tests.helpers import DIGITS, ROOT
-from tests.wandb_records import run_file, summarize_run
+from tests.wandb_records import run_files, summarize_run
 
 
 @pytest.fixture(autouse=True)
@@ -44,21 +45,39 @@ def test_run_is_created_on_first_use_and_finished_on_disk(tmp_path):
     logger.log_metrics({"x": 1.0}, step=0)
     assert logger.started
     logger.finish()
-    summary = summarize_run(run_file(tmp_path / "run"))
+    (path,) = run_files(tmp_path / "run")  # <root>/wandb/offline-run-*
+    summary = summarize_run(path)
     assert summary["run_id"] == "my-run"  # made W&B-safe
     assert summary["config"]["name"] == cfg.name and "x" in summary["history_keys"]
+
+
+def test_run_ids_stay_unique_and_readable_for_long_names():
+    name = "imagenet-resnet200-sd-with-a-much-longer-experiment-name"
+    train_run = f"{name}-20261128-221431-ab12"
+    lesions = [f"{train_run}-lesion-20261128-230000-{h}" for h in ("0001", "0002")]
+    ids = [wandb_id(r) for r in (train_run, *lesions)]
+    assert len(set(ids)) == 3 and all(len(i) <= WANDB_ID_MAX for i in ids)
+    assert all(i.startswith("imagenet-resnet200-sd") for i in ids)
+    assert wandb_id("short.run") == "short-run" and wandb_id(lesions[0]) == wandb_id(lesions[0])
+    assert lesion_run_id("r") != lesion_run_id("r")  # its random part: never one id within a second
+
+
+def test_a_new_run_with_the_id_of_an_old_one_is_not_resumed(tmp_path):
+    cfg = config.load(ROOT / DIGITS, ["logger.mode=offline"])
+    assert make_logger(cfg, tmp_path, "r")._wandb_init["resume"] is None
+    assert make_logger(cfg, tmp_path, "r", resume=True)._wandb_init["resume"] == "allow"
 
 
 def test_unreachable_server_falls_back_to_offline(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")  # the discard port: nothing listens
     monkeypatch.setenv("WANDB_API_KEY", "0123456789abcdef0123456789abcdef01234567")
     logger = ResilientWandbLogger(tmp_path, mode="online", init_timeout=2.0, project="p", id="r1")
-    with pytest.warns(UserWarning, match=r"W&B unreachable .*wandb sync .*/wandb/offline-run-\*"):
+    with pytest.warns(UserWarning, match=r"W&B unreachable .*wandb sync .*/wandb/offline-run-\*-r1"):
         run = logger.experiment
     assert run.settings.mode == "offline" and run.id == "r1"
     assert logger.experiment is run  # created once
     logger.finish()
-    assert summarize_run(run_file(tmp_path))["run_id"] == "r1"
+    assert summarize_run(run_files(tmp_path)[-1])["run_id"] == "r1"
 
 
 def test_an_unknown_mode_is_a_config_error(monkeypatch):

@@ -63,6 +63,20 @@ def mean_error_by(rows: Rows, key: str) -> dict[Any, float]:
     return {k: _mean(v) for k, v in errors_by(rows, key).items()}
 
 
+def mean_and_spread(rows: Rows, key: str, value: str = "error") -> list[dict[str, float]]:
+    """For each value x of ``row[key]``, in increasing order: ``{"x", "mean", "std", "min",
+    "max", "n"}`` of ``row[value]`` over the rows with that x (std: population, 0 for one row)."""
+    groups: dict[Any, list[float]] = defaultdict(list)
+    for r in rows:
+        groups[r[key]].append(r[value])
+    out = []
+    for x, vs in sorted(groups.items()):
+        mean = _mean(vs)
+        std = math.sqrt(_mean([(v - mean) ** 2 for v in vs]))
+        out.append({"x": x, "mean": mean, "std": std, "min": min(vs), "max": max(vs), "n": len(vs)})
+    return out
+
+
 def multi_deletion_mean_error(results: Results) -> dict[int, float]:
     """Mean error with k random blocks deleted, k -> error (Veit et al. Fig. 3b)."""
     return mean_error_by(results.get("multi_deletion") or (), "k")
@@ -116,6 +130,22 @@ def effective_shares(results: Results) -> tuple[float, float]:
     """(share of the gradient, share of the paths) the effective range holds; NaNs without it."""
     eff = results.get("effective_paths")
     return (eff["share_of_gradient"], eff["share_of_paths"]) if eff else (NAN, NAN)
+
+
+def training_headline(split: str, best_error: float | None, best_epoch: int | None,
+                      last_error: float | None) -> dict[str, float]:
+    """The headline numbers of training, under W&B summary keys: ``<split>/best_error`` and
+    ``<split>/best_epoch`` (the lowest error on the evaluation split and its epoch, 0-based: the
+    best checkpoint's), and, where the evaluation split is the test set (``split == "test"``),
+    ``test/final_error``: the error of the final weights. Unknown values are left out."""
+    out: dict[str, float] = {}
+    if best_error is not None:
+        out[f"{split}/best_error"] = best_error
+    if best_epoch is not None:
+        out[f"{split}/best_epoch"] = best_epoch
+    if split == "test" and last_error is not None:
+        out["test/final_error"] = last_error
+    return out
 
 
 def headline(results: Results) -> dict[str, float]:
