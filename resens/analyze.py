@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 from pathlib import Path
 
@@ -28,7 +27,7 @@ from resens.data import build_datamodule
 from resens.data.imagefolder import ImageFolderDataModule, image_folder
 from resens.errors import ConfigError, cli_main
 from resens.module import ResNetClassifier
-from resens.runs import lesion_run_id, lineage_of, run_dir_of
+from resens.runs import lesion_run_id, lineage_of, run_dir_of, slug, timestamp_suffix
 from resens.train import build_trainer, finish_logging, resolved_settings, run_record, wandb_logger
 
 
@@ -122,7 +121,7 @@ def analyze_library(
     classes = sum(1 for d in Path(folder).iterdir() if d.is_dir())
     cfg = config_lib.load(config, ["data.name=imagefolder", f"data.root={data}", f"model.library={spec}", *overrides])
     lib = load_library_model(spec, weights, cfg.seed, num_classes=classes)  # classes: random weights
-    name = cfg.name if cfg.name != "run" else re.sub(r"[^A-Za-z0-9_.-]+", "-", spec)
+    name = cfg.name if cfg.name != "run" else slug(spec)
     cfg = config_lib.from_dict({
         **config_lib.to_dict(cfg), "resume": None, "name": name,
         "model": {**config_lib.to_dict(cfg.model), "weights": lib.weights,
@@ -142,8 +141,8 @@ def analyze_library(
             f"has {datamodule.num_classes} class folders"
         )
     datamodule.setup("test")
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    out_dir = Path(out) if out else Path(cfg.out_dir) / f"{name}-lesion-{stamp}"
+    run_id = f"{slug(name)}-lesion-{timestamp_suffix()}"
+    out_dir = Path(out) if out else Path(cfg.out_dir) / run_id
     out_dir.mkdir(parents=True, exist_ok=True)
     # What was analysed, before any analysis adds its results (they keep these keys).
     (out_dir / "analysis.json").write_text(json.dumps({
@@ -153,7 +152,10 @@ def analyze_library(
         "data": datamodule.record,
     }, indent=1))
     module = LibraryClassifier(lib.adapted, cfg, lib.num_classes)
-    trainer = build_trainer(cfg, out_dir, f"{name}-lesion-{stamp}", [], job_type="analysis")
+    extra = {"run": run_record(out_dir, run_id, "lesion")}
+    trainer = build_trainer(
+        cfg, out_dir, run_id, [], job_type="analysis", wandb_root=out_dir.parent, extra_config=extra
+    )
     trainer.test(module, datamodule=datamodule, verbose=False)
     finish_logging(trainer)
     if trainer.is_global_zero:
