@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import re
 import struct
+import time
 from pathlib import Path
 
 from wandb.proto import wandb_internal_pb2 as pb
@@ -69,13 +70,24 @@ def _key(item) -> str:
     return item.key or "/".join(item.nested_key)
 
 
+def finished_records(path: str | Path, timeout: float = 30.0) -> list[pb.Record]:
+    """The records of a run file once W&B's writer has closed it (its last record is ``exit``):
+    the writer is another process, which may still be flushing when ``finish()`` has returned."""
+    deadline = time.monotonic() + timeout
+    while True:
+        records = read_records(path)
+        if records and records[-1].WhichOneof("record_type") == "exit" or time.monotonic() > deadline:
+            return records
+        time.sleep(0.2)
+
+
 def summarize_run(path: str | Path) -> dict:
     """``{"run_id", "name", "group", "job_type", "tags", "config": {...}, "history_keys": set,
     "history": [{key: value} per step], "summary": {...}, "metrics": {name: {"step", "summary"}},
     "artifacts": [{"name", "type", "aliases", "metadata", "files"}], "used_artifacts": [...]}``."""
     out = {"history_keys": set(), "history": [], "summary": {}, "config": {}, "metrics": {},
            "artifacts": [], "used_artifacts": []}
-    for r in read_records(path):
+    for r in finished_records(path):
         kind = r.WhichOneof("record_type")
         if kind == "run":
             out.update(run_id=r.run.run_id, name=r.run.display_name, group=r.run.run_group,
