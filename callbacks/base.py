@@ -144,6 +144,11 @@ class AnalysisContext:
         ``key``, on every rank: later analyses read it from ``ctx.results``."""
         self.results[key] = value
 
+    def skip(self, name: str, reason: str) -> None:
+        """Record in ``analysis.json``'s ``skipped`` that analysis ``name`` does not apply to this
+        model, and why."""
+        self.write("skipped", {**self.results.get("skipped", {}), name: reason})
+
     def save(self) -> None:
         """Write the results and timings so far into ``analysis.json`` in the run folder (keys
         already there and not written again are kept). Rank 0 only."""

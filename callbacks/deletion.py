@@ -129,6 +129,7 @@ class Reorder(Analysis):
         n = len(model.blocks)
         ranges = ctx.protocol(model).reorder_ranges
         if not ranges:
+            ctx.skip(self.name, "no two blocks may trade places under the run's lesion protocol")
             return None
         g = self.generator(2)
         trials = [
@@ -171,6 +172,7 @@ class Duplication(Analysis):
     def compute(self, ctx, model, device):
         allowed = list(ctx.protocol(model).duplication)
         if not allowed:
+            ctx.skip(self.name, "no block may be duplicated under the run's lesion protocol")
             return None
         sets = _random_sets(self.cfg, "duplication", allowed, variants.sample_duplications, self.generator(3))
         n = len(model.blocks)

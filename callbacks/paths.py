@@ -12,6 +12,8 @@ from resens.analysis import paths, plots, summary
 from resens.analysis.stochastic_depth import summarize_stochastic_depth
 from resens.errors import ConfigError
 
+NOT_RESIDUAL = "a plain network has one path, through every block"
+
 
 def _residual(model) -> bool:
     return all(b.shortcut is not None for b in model.blocks)
@@ -25,6 +27,7 @@ class PathLengths(Analysis):
 
     def compute(self, ctx, model, device):
         if not _residual(model):
+            ctx.skip(self.name, NOT_RESIDUAL)
             return None
         dist = paths.path_length_distribution(len(model.blocks))
         rows = [{"length": k, "fraction": float(f)} for k, f in enumerate(dist)]
@@ -47,6 +50,7 @@ class PathGradient(Analysis):
 
     def compute(self, ctx, model, device):
         if not _residual(model):
+            ctx.skip(self.name, NOT_RESIDUAL)
             return None
         c = self.cfg.path_gradient
         n = len(model.blocks)
@@ -87,6 +91,7 @@ class EffectivePaths(Analysis):
 
     def compute(self, ctx, model, device):
         if "path_gradient" not in ctx.results:  # a plain network has no paths
+            ctx.skip(self.name, NOT_RESIDUAL)
             return None
         n = len(model.blocks)
         eff = paths.effective_paths(summary.gradient_norm_by_length(ctx.results, n), n, self.cfg.effective_share)
@@ -116,6 +121,7 @@ class StochasticDepth(Analysis):
 
     def compute(self, ctx, model, device):
         if not _residual(model):
+            ctx.skip(self.name, NOT_RESIDUAL)
             return None
         other, label = None, "other run"
         if self.cfg.compare_with:

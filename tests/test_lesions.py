@@ -47,6 +47,17 @@ def test_a_run_records_its_protocol_and_follows_it(run_dir):
         assert r["displacement"] == sum(abs(a - b) for a, b in r["pairs"])
 
 
+def test_an_analysis_that_does_not_apply_says_why(tmp_path):
+    out = tmp_path / "runs"
+    run = train(config.load(ROOT / "configs" / "digits_plain.yaml", [
+        f"out_dir={out}", "model.depth=14", "model.width=4", "trainer.max_epochs=1",
+        "trainer.enable_progress_bar=false", "analysis.run=[reorder,path_lengths]", "logger.group=tests",
+    ]))
+    skipped = json.loads((run / "analysis.json").read_text())["skipped"]
+    # depth 14: two blocks per stage, the first of each left out: nothing to reorder; no paths
+    assert set(skipped) == {"reorder", "path_lengths"} and "protocol" in skipped["reorder"]
+
+
 def test_duplication_runs_from_the_callback(run_dir):
     data = json.loads((run_dir / "analysis.json").read_text())
     rows = data["duplication"]
