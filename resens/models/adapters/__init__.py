@@ -12,7 +12,6 @@ module here with ``adapt``, ``create``, ``classifier_key``, ``default_weights``,
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ from torch import nn
 
 from resens.models.adapters.common import AdapterError, Part, PreActUnit, ResidualUnit
 from resens.models.resnet import ResidualNet
+from resens.runs import sha256_of
 
 LIBRARIES = ("torchvision", "timm")
 INSTALL = {"timm": "pip install 'resens[timm]' (or pip install timm)"}
@@ -69,14 +69,6 @@ def parse_spec(spec: str) -> tuple[str, str]:
     if not sep or not name:
         raise AdapterError(f"model '{spec}': expected LIB:NAME, e.g. torchvision:resnet50 or timm:vit_small_patch16_224")
     return library, name
-
-
-def sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -137,7 +129,7 @@ def load_library_model(
                 f"{spec}: default weights {label} are not in the local cache and are never downloaded; "
                 f"put the file at {files[0] if files else '?'} or pass WEIGHTS=file.pth"
             )
-        original, weights_label, digest = fam.load_default(name, found[0]), label, sha256(found[0])
+        original, weights_label, digest = fam.load_default(name, found[0]), label, sha256_of(found[0])
     elif str(weights) == "random":
         torch.manual_seed(seed)
         original, weights_label, digest = fam.create(name, num_classes), "random", "random"
@@ -152,7 +144,7 @@ def load_library_model(
         if classes != original.state_dict()[key].shape[0]:
             original = fam.create(name, num_classes=classes)
         _load_into(original, state, spec, path)
-        weights_label, digest = str(path), sha256(path)
+        weights_label, digest = str(path), sha256_of(path)
     original.eval()
     classes = original.state_dict()[fam.classifier_key(original)].shape[0]
     return LibraryModel(
@@ -163,5 +155,5 @@ def load_library_model(
 
 __all__ = [
     "LIBRARIES", "AdapterError", "LibraryModel", "Part", "PreActUnit", "ResidualUnit", "adapt", "family",
-    "load_library_model", "parse_spec", "read_state_dict", "sha256",
+    "load_library_model", "parse_spec", "read_state_dict",
 ]
