@@ -15,7 +15,6 @@ from pathlib import Path
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from omegaconf import OmegaConf
 from torch import Tensor
 from torchmetrics.classification import MulticlassAccuracy
@@ -26,7 +25,7 @@ from resens.checkpoint import check_compatible, load_checkpoint
 from resens.data import build_datamodule
 from resens.data.imagefolder import ImageFolderDataModule, image_folder
 from resens.errors import ConfigError, cli_main
-from resens.module import ResNetClassifier
+from resens.module import ResNetClassifier, TestedClassifier
 from resens.runs import lesion_run_id, lineage_of, run_dir_of, slug, timestamp_suffix
 from resens.train import build_trainer, finish_logging, resolved_settings, run_record, wandb_logger
 
@@ -82,7 +81,7 @@ def analyze(checkpoint: str | Path, config: str | None = None, out: str | None =
     return out_dir
 
 
-class LibraryClassifier(L.LightningModule):
+class LibraryClassifier(TestedClassifier):
     """A library model, adapted (``model``), for ``trainer.test`` and the analyses: logs
     ``test/loss`` and ``test/error``; ``cfg`` is the run config the analyses read."""
 
@@ -93,16 +92,6 @@ class LibraryClassifier(L.LightningModule):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.model(x)
-
-    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        x, y = batch
-        logits = self(x)
-        self.test_acc.update(logits, y)
-        self.log("test/loss", F.cross_entropy(logits, y), on_epoch=True, sync_dist=True)
-
-    def on_test_epoch_end(self) -> None:
-        self.log("test/error", 1 - self.test_acc.compute())
-        self.test_acc.reset()
 
 
 def analyze_library(

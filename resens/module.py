@@ -53,7 +53,24 @@ def build_model(cfg: DictConfig, num_classes: int, in_channels: int) -> Residual
         raise config_lib.ConfigError(f"model: {str(err).splitlines()[0]}") from None
 
 
-class ResNetClassifier(L.LightningModule):
+class TestedClassifier(L.LightningModule):
+    """What every classifier resens tests shares: ``test/loss`` and ``test/error`` (0..1) over
+    ``trainer.test``; subclasses set ``self.test_acc`` and ``forward``."""
+
+    test_acc: MulticlassAccuracy
+
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        x, y = batch
+        logits = self(x)
+        self.test_acc.update(logits, y)
+        self.log("test/loss", F.cross_entropy(logits, y), on_epoch=True, sync_dist=True)
+
+    def on_test_epoch_end(self) -> None:
+        self.log("test/error", 1 - self.test_acc.compute())
+        self.test_acc.reset()
+
+
+class ResNetClassifier(TestedClassifier):
     """Cross-entropy classification with SGD and a step schedule; logs loss and error (0..1).
 
     ``hparams.cfg`` holds the whole resolved run config, so a checkpoint rebuilds its model alone.
@@ -117,16 +134,6 @@ class ResNetClassifier(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         self.log(f"{self.eval_split}/error", 1 - self.val_acc.compute(), prog_bar=True)
         self.val_acc.reset()
-
-    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        x, y = batch
-        logits = self(x)
-        self.test_acc.update(logits, y)
-        self.log("test/loss", F.cross_entropy(logits, y), on_epoch=True, sync_dist=True)
-
-    def on_test_epoch_end(self) -> None:
-        self.log("test/error", 1 - self.test_acc.compute())
-        self.test_acc.reset()
 
     def configure_optimizers(self):
         o = self.cfg.optim

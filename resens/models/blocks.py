@@ -135,7 +135,31 @@ class PreActBasicBlock(Block):
         self.post = nn.Identity()
 
 
-class PreActBottleneck(Block):
+class SharedPreActBlock(Block):
+    """A pre-activation block whose ``preact`` (e.g. BN-ReLU) is shared by the branch
+    ``residual(preact(x))`` and, where there is one, the projection shortcut
+    ``projection(preact(x))``: ``branch(x)`` and ``shortcut(x)`` each apply it, ``forward``
+    once. Subclasses set ``preact``, ``residual`` and ``projection`` (None: the identity)."""
+
+    preact: nn.Module
+    residual: nn.Module
+    projection: nn.Module | None
+
+    def branch(self, x: Tensor) -> Tensor:
+        return self.residual(self.preact(x))
+
+    def shortcut(self, x: Tensor) -> Tensor:
+        return x if self.projection is None else self.projection(self.preact(x))
+
+    def _forward_residual(self, x: Tensor, scale: float) -> Tensor:
+        if self.projection is None:
+            return super()._forward_residual(x, scale)
+        a = self.preact(x)
+        branch = self.residual(a)
+        return self.projection(a) + (branch if scale == 1.0 else scale * branch)
+
+
+class PreActBottleneck(SharedPreActBlock):
     """Pre-activation bottleneck (fb.resnet.torch ``preresnet``) with a projection shortcut.
 
     Where the shape changes, the BN-ReLU pre-activation is shared by the branch and the 1x1
@@ -161,18 +185,6 @@ class PreActBottleneck(Block):
         self.projection = conv1x1(cin, cout, stride) if self.downsampling else None
         self.post = nn.Identity()
 
-    def branch(self, x: Tensor) -> Tensor:
-        return self.residual(self.preact(x))
-
-    def shortcut(self, x: Tensor) -> Tensor:
-        return x if self.projection is None else self.projection(self.preact(x))
-
-    def _forward_residual(self, x: Tensor, scale: float) -> Tensor:
-        if self.projection is None:
-            return super()._forward_residual(x, scale)
-        a = self.preact(x)
-        branch = self.residual(a)
-        return self.projection(a) + (branch if scale == 1.0 else scale * branch)
 
 
 class PlainBlock(Block):

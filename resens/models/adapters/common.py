@@ -14,7 +14,7 @@ from collections.abc import Callable
 from torch import Tensor, nn
 
 from resens.errors import ResensError
-from resens.models.blocks import Block
+from resens.models.blocks import Block, SharedPreActBlock
 
 
 class AdapterError(ResensError):
@@ -59,7 +59,7 @@ class ResidualUnit(Block):
         self.post = post
 
 
-class PreActUnit(Block):
+class PreActUnit(SharedPreActBlock):
     """A pre-activation block whose normalisation ``preact`` is shared by the branch and the
     projection shortcut (timm's ``PreActBottleneck``, ``PreActBasic``): ``branch(x)`` and
     ``shortcut(x)`` each apply it, ``forward`` once, as the library does."""
@@ -71,18 +71,6 @@ class PreActUnit(Block):
         self.projection = projection
         self.downsampling = projection is not None
         self.post = nn.Identity()
-
-    def branch(self, x: Tensor) -> Tensor:
-        return self.residual(self.preact(x))
-
-    def shortcut(self, x: Tensor) -> Tensor:
-        return x if self.projection is None else self.projection(self.preact(x))
-
-    def _forward_residual(self, x: Tensor, scale: float) -> Tensor:
-        a = self.preact(x)
-        shortcut = x if self.projection is None else self.projection(a)
-        branch = self.residual(a)
-        return shortcut + (branch if scale == 1.0 else scale * branch)
 
 
 def out_of_place(act: nn.Module) -> nn.Module:
