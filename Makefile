@@ -65,14 +65,24 @@ clean:
 	rm -rf runs .pytest_cache .ruff_cache
 
 ## SLURM: render configs/slurm/<experiment>.sbatch (one task per GPU, requeue on SIGUSR1) and
-## submit it; DRY_RUN=1 prints the script instead. Validates the config and the batch split first.
-##   make slurm-cifar NODES=1 GPUS=4 [DATA=..] [TIME=..] [PARTITION=..] [ACCOUNT=..] [ARGS="k=v ..."]
+## submit it; DRY_RUN=1 prints the script instead. Checks the config, the batch split and every
+## path first. Options (unset: the template's line): GPUS=0 (a CPU job; TASKS tasks per node),
+## CPUS (per task), MEM (per node) or MEM_PER_CPU, TIME, PARTITION, ACCOUNT, QOS, CONSTRAINT,
+## SBATCH="--exclusive --signal=B:USR1@300" (more #SBATCH lines; one the template has replaces
+## its line), CONFIG (default: configs/<template name>.yaml).
+##   make slurm-cifar NODES=1 GPUS=4 [DATA=..] [ARGS="k=v ..."]
 ##   make slurm-imagenet NODES=4 GPUS=8 DATA=/path/to/imagenet [...]
+##   make slurm-cifar GPUS=0 TASKS=2 CPUS=1 MEM=4G ARGS="..."
 .PHONY: slurm-cifar slurm-imagenet
 NODES   ?= 1
 GPUS    ?= 1
-SLURM_OPTS = --nodes $(NODES) --gpus $(GPUS) $(if $(DRY_RUN),--dry-run) $(if $(TIME),--time $(TIME)) \
-	$(if $(PARTITION),--partition $(PARTITION)) $(if $(ACCOUNT),--account $(ACCOUNT))
+SLURM_OPTS = --nodes $(NODES) --gpus $(GPUS) $(if $(DRY_RUN),--dry-run) \
+	$(if $(TASKS),--tasks-per-node $(TASKS)) $(if $(CPUS),--cpus-per-task $(CPUS)) \
+	$(if $(MEM),--mem $(MEM)) $(if $(MEM_PER_CPU),--mem-per-cpu $(MEM_PER_CPU)) \
+	$(if $(TIME),--time $(TIME)) $(if $(PARTITION),--partition $(PARTITION)) \
+	$(if $(ACCOUNT),--account $(ACCOUNT)) $(if $(QOS),--qos $(QOS)) \
+	$(if $(CONSTRAINT),--constraint $(CONSTRAINT)) $(if $(SBATCH),--sbatch="$(SBATCH)") \
+	$(if $(CONFIG),--config $(CONFIG))
 
 slurm-cifar: install
 	@$(PY) -m resens.slurm configs/slurm/cifar10_resnet110.sbatch $(SLURM_OPTS) -- out_dir=$(OUT) \

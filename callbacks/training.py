@@ -3,10 +3,12 @@ checkpoints, and checkpoint-and-requeue on SLURM's warning signal."""
 
 from __future__ import annotations
 
+import os
 import random
 import re
 import signal
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -15,9 +17,11 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
+import resens
 from resens.errors import ResensError
 from resens.runs import slurm_job_id
 
@@ -110,57 +114,93 @@ class RNGState(L.Callback):
             torch.cuda.set_rng_state_all(state["cuda"])
 
 
+REQUEUE_MARKER_ENV = "RESENS_REQUEUE_MARKER"  # set by the launch templates (configs/slurm/)
+
+
 class Requeued(Exception):
-    """Training stopped after a checkpoint because SLURM is about to end the job; it is requeued."""
+    """Training stopped at a step boundary, after a checkpoint, because SLURM is ending the job:
+    ``requeue`` after SIGUSR1 (the time-limit warning: the job is to be requeued), not after
+    SIGTERM (a cancellation or a preemption: SLURM decides what follows)."""
+
+    def __init__(self, checkpoint: Path, step: int, epoch: int, requeue: bool) -> None:
+        self.checkpoint, self.step, self.epoch, self.requeue = checkpoint, step, epoch, requeue
+        job = slurm_job_id()
+        if requeue:
+            then = f"requeued, it resumes from {checkpoint}"
+        else:
+            then = f"ended by SIGTERM; a requeued job resumes from {checkpoint} (or resume={checkpoint})"
+        super().__init__(f"SLURM job {job}: stopped at step {step} (epoch {epoch}) after a checkpoint; {then}")
 
 
-class SlurmRequeue(L.Callback):
-    """On SLURM's warning signal (``#SBATCH --signal=SIGUSR1@90``): checkpoint to
-    ``<run>/hpc_ckpt_<n>.ckpt`` at a step boundary, ``scontrol requeue`` the job, and stop by
-    raising ``Requeued``. The requeued job finds the checkpoint through ``resens.runs.resolve_run``.
+class SlurmRequeue(Checkpoint):
+    """Stop cleanly when SLURM is about to end the job: on SIGUSR1 (``#SBATCH
+    --signal=SIGUSR1@90``, or ``B:USR1``, which the batch script passes on) and on SIGTERM.
+
+    The handlers only set a flag. The signal reaches the ranks at different steps, so they agree
+    on it with one all-reduce, at step boundaries where the global step is a multiple of
+    ``check_every_n_steps`` (the global step is the same on every rank, so they all enter the
+    collective together) and at every epoch's end, after its validation and checkpoints (a
+    ``Checkpoint`` callback runs after the others, and after the ``ModelCheckpoint`` callbacks listed before
+    it). An epoch's last batch is left to that check: a checkpoint there would resume past the
+    epoch's validation. Then every rank writes ``<run>/hpc_ckpt_<n>.ckpt`` together (to a
+    partial file first, renamed when complete, so a kill never leaves half a checkpoint under that
+    name; older ones are removed after) and raises ``Requeued``. ``resens.train`` catches it,
+    closes the W&B run and calls :meth:`leave`.
 
     Lightning's own handler (``SLURMEnvironment(auto_requeue=True)``) checkpoints inside the signal
     handler, i.e. at any point of a step, and under DDP enters a barrier there while other ranks
-    may be inside a gradient all-reduce (Lightning issue #21406). This handler only sets a flag.
-    The signal reaches the ranks at different steps, so they agree on the flag with an all-reduce,
-    a collective that also waits for the device; to keep that off most steps they do so only when
-    the global step is a multiple of ``check_every_n_steps``. The checkpoint then comes at most
-    that many steps after the signal: far less than SLURM's 90 s warning at any realistic step
-    time.
+    may be inside a gradient all-reduce (Lightning issue #21406); its SIGTERM handler broadcasts
+    from inside the handler. Both stay off: :meth:`listen` replaces them.
     """
 
     check_every_n_steps: int = 20
+    NONE, REQUEUE, STOP = 0, 1, 2
 
-    def __init__(self, signum: int = signal.SIGUSR1) -> None:
-        self.signum = signum
-        self.requested = False
-        self._previous: Any = None
+    def __init__(self) -> None:
+        early = resens.EARLY_SIGNALS
+        self.request = self.REQUEUE if signal.SIGUSR1 in early else self.NONE
+        early.clear()
+        self._previous: dict[int, Any] = {}
 
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        # Not in setup: Lightning snapshots the signal handlers after setup and restores that
-        # snapshot at its teardown, which would leave this handler installed.
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(self.signum, self._on_signal)
+    @property
+    def requested(self) -> bool:
+        return self.request != self.NONE
 
-    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        self._restore_handler()
+    def listen(self) -> None:
+        """Handle SIGUSR1 and SIGTERM from now on (main thread only). Called at the start of the
+        process, so that a signal during start-up is not fatal, and again when training starts,
+        to replace the SIGTERM handler Lightning installs in between."""
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for signum in (signal.SIGUSR1, signal.SIGTERM):
+            previous = signal.signal(signum, self._on_signal)
+            self._previous.setdefault(signum, previous)
 
-    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, _: BaseException) -> None:
-        self._restore_handler()  # when fit raises (Requeued does), Lightning skips teardown
-
-    def _restore_handler(self) -> None:
-        if self._previous is not None:
-            signal.signal(self.signum, self._previous)
-            self._previous = None
+    def stop_listening(self) -> None:
+        """Restore the handlers :meth:`listen` found."""
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous = {}
 
     def _on_signal(self, signum: int, frame: Any) -> None:
-        self.requested = True
+        self.request = max(self.request, self.STOP if signum == signal.SIGTERM else self.REQUEUE)
 
-    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
-        # The global step is the same on every rank, so all ranks enter the collective together.
-        if trainer.global_step % self.check_every_n_steps:
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.listen()
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any,
+                           batch: Any, batch_idx: int) -> None:
+        if batch_idx + 1 >= trainer.num_training_batches or trainer.global_step % self.check_every_n_steps:
             return
-        if not trainer.strategy.reduce_boolean_decision(self.requested, all=False):
+        self._stop_if_asked(trainer)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._stop_if_asked(trainer)
+
+    def _stop_if_asked(self, trainer: L.Trainer) -> None:
+        strategy = trainer.strategy
+        request = int(strategy.reduce(torch.tensor(self.request, device=strategy.root_device), reduce_op="max"))
+        if request == self.NONE:
             return
         run_dir = Path(trainer.default_root_dir)
         older = {
@@ -169,23 +209,49 @@ class SlurmRequeue(L.Callback):
         }
         # Lightning's naming, so that its own SLURM auto-resume would find the newest one too
         path = run_dir / f"hpc_ckpt_{1 + max(older.values(), default=0)}.ckpt"
-        trainer.save_checkpoint(path)
-        job = slurm_job_id()
+        partial = path.with_name(f".{path.name}.partial")
+        trainer.save_checkpoint(partial, weights_only=False)  # every rank takes part; rank 0 writes
         if trainer.is_global_zero:
-            for stale in older:
+            os.replace(partial, path)
+            for stale in [*older, *run_dir.glob(".hpc_ckpt_*.partial")]:
                 stale.unlink(missing_ok=True)
+        strategy.barrier("SlurmRequeue")
+        raise Requeued(path, trainer.global_step, trainer.current_epoch, request == self.REQUEUE)
+
+    @staticmethod
+    def leave(stop: Requeued, is_global_zero: bool) -> None:
+        """After a stop, once the W&B run is closed: every rank leaves the process group, then
+        global rank 0 has the job requeued and prints one line that says where it resumes.
+
+        The launch templates requeue the job after ``srun`` has returned, when this left them the
+        file ``$RESENS_REQUEUE_MARKER`` (holding the checkpoint's path): requeueing while the
+        tasks still run would have SLURM kill them in the middle of their teardown. Without
+        that variable (a batch script of the user's own), rank 0 calls ``scontrol requeue``
+        itself, as the last thing it does."""
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.barrier()
+            torch.distributed.destroy_process_group()
+        if not is_global_zero:
+            return
+        marker = os.environ.get(REQUEUE_MARKER_ENV)
+        if stop.requeue and marker:
+            partial = Path(f"{marker}.partial")
+            partial.parent.mkdir(parents=True, exist_ok=True)
+            partial.write_text(f"{stop.checkpoint}\n")
+            os.replace(partial, marker)
+        elif stop.requeue:
+            job = slurm_job_id()
             try:
                 done = subprocess.run(
                     ["scontrol", "requeue", job], capture_output=True, text=True, timeout=60
                 )
-                failure = done.stderr.strip() or f"exit code {done.returncode}"
-                if not done.returncode:
-                    failure = ""
+                failure = "" if not done.returncode else done.stderr.strip() or f"exit code {done.returncode}"
             except (OSError, subprocess.TimeoutExpired) as err:
                 failure = str(err)
             if failure:
                 raise ResensError(
                     f"SLURM job {job}: scontrol requeue failed ({failure.splitlines()[0]}); "
-                    f"resume by hand with resume={path}"
+                    f"resume by hand with resume={stop.checkpoint}"
                 )
-        raise Requeued(f"SLURM job {job} requeued; it resumes from {path}")
+        sys.stderr.write(f"{stop}\n")
+        sys.stderr.flush()

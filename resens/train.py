@@ -115,9 +115,8 @@ def build_trainer(
         all_callbacks.append(RichProgressBar())
     plugins = []
     if SLURMEnvironment.detect():
-        # SlurmRequeue checkpoints and requeues; Lightning's own requeue handler stays off
+        # Lightning's own requeue handler stays off: in training, SlurmRequeue stops and requeues
         plugins.append(SLURMEnvironment(auto_requeue=False))
-        all_callbacks.append(SlurmRequeue())
     trainer = L.Trainer(
         default_root_dir=str(run_dir),
         logger=make_logger(
@@ -149,6 +148,9 @@ def train(cfg: DictConfig) -> Path:
     """
     # The launching process names the run; the DDP workers it starts inherit the name.
     owns_run_id = RUN_ID_ENV not in os.environ
+    stopper = SlurmRequeue() if SLURMEnvironment.detect() else None
+    if stopper is not None:
+        stopper.listen()  # from the start: SLURM's signal during start-up is acted on, not fatal
     try:
         L.seed_everything(cfg.seed, workers=True, verbose=False)
         run_dir, run_id, ckpt_path = resolve_run(cfg)
@@ -175,13 +177,24 @@ def train(cfg: DictConfig) -> Path:
         )
         extra = {
             "resolved": resolved_settings(cfg, module),
-            "run": run_record(run_dir, run_id, "end_of_training" if cfg.analysis.run else "none"),
+            "run": {
+                **run_record(run_dir, run_id, "end_of_training" if cfg.analysis.run else "none"),
+                "resumed_from": None if ckpt_path is None else str(ckpt_path),
+            },
         }
+        callbacks = [best, last, LearningRateMonitor("step"), Throughput()]
         trainer = build_trainer(
-            cfg, run_dir, run_id, [best, last, LearningRateMonitor("step"), Throughput()],
+            cfg, run_dir, run_id, [*callbacks, *([stopper] if stopper else [])],
             wandb_root=Path(cfg.out_dir), resume=ckpt_path is not None or slurm_requeued(), extra_config=extra,
         )
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+        try:
+            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+        except Requeued as stop:
+            logger = wandb_logger(trainer)
+            if logger is not None:
+                logger.finish(preempted=stop.requeue)  # every metric logged so far is on disk
+            SlurmRequeue.leave(stop, trainer.is_global_zero)
+            return run_dir
         if trainer.is_global_zero:
             log_training_outcome(trainer, best, last, eval_split(cfg))
         finish_logging(trainer)
@@ -189,6 +202,8 @@ def train(cfg: DictConfig) -> Path:
             print(f"run folder: {run_dir}")
         return run_dir
     finally:
+        if stopper is not None:
+            stopper.stop_listening()
         if owns_run_id:
             os.environ.pop(RUN_ID_ENV, None)
 
@@ -231,13 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. trainer.max_epochs=10")
     args = parser.parse_args(argv)
 
-    def run() -> None:
-        try:
-            train(config_lib.load(args.config, args.overrides))
-        except Requeued as note:
-            sys.stderr.write(f"{note}\n")
-
-    return cli_main(run)
+    return cli_main(lambda: train(config_lib.load(args.config, args.overrides)))
 
 
 if __name__ == "__main__":

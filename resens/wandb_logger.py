@@ -70,6 +70,9 @@ class ResilientWandbLogger(WandbLogger):
         self._started = False
         self._metrics = list(metrics)
         super().__init__(save_dir=str(save_dir), settings=self._settings, **kwargs)
+        # Lightning always passes anonymous (None here), which wandb now warns about on every start
+        if self._wandb_init.get("anonymous") is None:
+            self._wandb_init.pop("anonymous", None)
 
     @property
     @rank_zero_experiment
@@ -111,11 +114,22 @@ class ResilientWandbLogger(WandbLogger):
 
     @rank_zero_only
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
-        """Lightning's metrics, with its bare ``epoch`` key logged as ``trainer/epoch``."""
+        """Lightning's metrics, with its bare ``epoch`` key logged as ``trainer/epoch``.
+
+        With a ``step`` (the trainer's optimizer steps), that is also W&B's own ``_step``
+        (``trainer/global_step`` as well, the x of every chart): the history of a resumed or
+        requeued part continues at its checkpoint's step instead of restarting at 0, so the
+        parts of an offline run line up when ``wandb sync`` uploads them into one run. Rows of
+        one step merge; a step W&B is already past (logs after the training, which take the
+        next free steps) is moved up to its current step rather than dropped."""
         metrics = dict(metrics)
         if "epoch" in metrics:
             metrics[EPOCH] = metrics.pop("epoch")
-        super().log_metrics(metrics, step)
+        if step is None:
+            super().log_metrics(metrics)
+            return
+        run = self.experiment
+        run.log({**metrics, "trainer/global_step": step}, step=max(step, run.step))
 
     def log_checkpoints(self, checkpoints: Mapping[str, str | Path]) -> None:
         """Each file of ``checkpoints`` (alias -> path, e.g. ``{"best": .., "last": ..}``) as a
@@ -177,11 +191,15 @@ class ResilientWandbLogger(WandbLogger):
         """Whether this process created (or adopted) its W&B run."""
         return self._started
 
-    def finish(self) -> None:
+    def finish(self, preempted: bool = False) -> None:
         """Close the W&B run, if this process has one, so that its files are complete on disk
-        (offline runs are then syncable)."""
+        (offline runs are then syncable). ``preempted``: the job stops to be requeued; an online
+        run is marked preempting first, so that W&B shows it as such, not as crashed."""
         if self._started:
-            self.experiment.finish()
+            run = self.experiment
+            if preempted and run.settings.mode == "online":
+                run.mark_preempting()
+            run.finish()
 
 
 def make_logger(
@@ -190,8 +208,9 @@ def make_logger(
 ) -> ResilientWandbLogger:
     """The run's logger: W&B run ``run_id`` (its W&B id: ``resens.runs.wandb_id``) in the W&B
     folder ``<root>/wandb`` shared by every run of the output root ``root`` (``WANDB_DIR``
-    overrides ``root``). Resumed only when ``resume`` (a resumed or requeued run); otherwise a new
-    run. Its config: ``cfg`` resolved, plus ``extra_config`` (what the run resolved or traced:
+    overrides ``root``). Resumed only when ``resume`` (a resumed or requeued run), with
+    ``resume="must"``: online it continues the run it names or fails (then logs offline, as when
+    W&B is unreachable), never starts a new one; otherwise a new run. Its config: ``cfg`` resolved, plus ``extra_config`` (what the run resolved or traced:
     ``resolved``, ``run``, ``lineage``). ``WANDB_MODE`` overrides ``cfg.logger.mode``;
     ``WANDB_INIT_TIMEOUT`` (s, default 30) bounds the wait for the server."""
     mode = os.environ.get("WANDB_MODE", cfg.logger.mode)
@@ -209,6 +228,6 @@ def make_logger(
         job_type=job_type or cfg.logger.job_type,
         name=run_id,
         id=wandb_id(run_id),
-        resume="allow" if resume else None,
+        resume="must" if resume else None,
         config={**OmegaConf.to_container(cfg, resolve=True), **(extra_config or {})},
     )

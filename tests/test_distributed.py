@@ -15,7 +15,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from callbacks.training import SlurmRequeue
+import resens
+from callbacks.training import REQUEUE_MARKER_ENV, Requeued, SlurmRequeue
 from resens import config, slurm
 from resens.checkpoint import load_checkpoint
 from resens.errors import ResensError
@@ -110,9 +111,14 @@ def job(tmp_path_factory) -> SimpleNamespace:
             attempt_env["SLURM_RESTART_COUNT"] = "1"
         proc = start(["bash", str(script)], attempt_env, log_dir / "job.out")
         if attempt == 0:
-            first_epoch = run_dir / "checkpoints" / "last.ckpt"
-            wait_for(first_epoch.is_file, proc, 150, "the first epoch's checkpoint")
-            for task in (0, 1):  # as --signal=SIGUSR1@90 does: every task gets it
+            # As --signal=SIGUSR1@90 does, every task gets it; here while the ranks connect, so
+            # that the first check (step 20, mid-epoch) stops them.
+            tasks = [log_dir / f"task{task}.out" for task in (0, 1)]
+            wait_for(
+                lambda tasks=tasks: all(t.is_file() and "Initializing distributed" in t.read_text() for t in tasks),
+                proc, 150, "the ranks to connect",
+            )
+            for task in (0, 1):
                 os.kill(int((log_dir / f"task{task}.pid").read_text()), signal.SIGUSR1)
         assert finish(proc, 150) == 0, (log_dir / "task0.out").read_text()[-3000:]
         logs.append([(log_dir / f"task{t}.out").read_text() for t in (0, 1)])
@@ -137,7 +143,8 @@ def test_template_renders_a_ddp_launch_with_requeue(job):
         assert line in job.script.splitlines()
     assert f"resens.train {DIGITS}" in job.script
     assert "trainer.num_nodes=2 trainer.devices=1 trainer.strategy=ddp" in job.script
-    assert job.script.rstrip().endswith(" ".join(JOB[-3:]))  # the overrides come last, so they win
+    assert f"{' '.join(JOB[-3:])} &\n" in job.script  # the overrides come last, so they win
+    assert """trap 'scancel --signal=USR1 "$SLURM_JOB_ID"' USR1""" in job.script  # B:USR1 too
 
 
 @pytest.mark.slow
@@ -153,13 +160,20 @@ def test_slurm_job_trains_across_two_nodes(job):
 
 @pytest.mark.slow
 def test_sigusr1_checkpoints_and_requeues_the_job(job):
-    assert job.scontrol == [f"requeue {JOB_ID}"]  # once, from global rank 0
-    for log in job.logs[0]:
-        assert f"SLURM job {JOB_ID} requeued; it resumes from {job.run_dir}/hpc_ckpt_1.ckpt" in log
+    assert job.scontrol == [f"requeue {JOB_ID}"]  # once, by the batch script after srun returned
     hpc = load_checkpoint(job.run_dir / "hpc_ckpt_1.ckpt")  # weights_only=True, validated
-    assert STEPS_PER_EPOCH < hpc["global_step"] < EPOCHS * STEPS_PER_EPOCH
-    assert hpc["global_step"] % STEPS_PER_EPOCH, "the signal came mid-epoch; so must the checkpoint"
+    step = hpc["global_step"]
+    assert 0 < step < EPOCHS * STEPS_PER_EPOCH and step % SlurmRequeue.check_every_n_steps == 0
     assert "RNGState" in hpc["callbacks"] and "model._extra_state" in hpc["state_dict"]
+    # one line from global rank 0 says where the job resumes; no rank prints a traceback
+    line = (
+        f"SLURM job {JOB_ID}: stopped at step {step} (epoch {step // STEPS_PER_EPOCH}) after a "
+        f"checkpoint; requeued, it resumes from {job.run_dir}/hpc_ckpt_1.ckpt"
+    )
+    assert job.logs[0][0].rstrip().endswith(line)
+    assert line not in job.logs[0][1]
+    assert not any("Traceback" in log for log in job.logs[0] + job.logs[1])
+    assert not list((job.run_dir.parent / "slurm").glob(".requeue-*")), "the marker was consumed"
 
 
 @pytest.mark.slow
@@ -274,11 +288,9 @@ def test_slurm_submits_the_rendered_script_with_sbatch(tmp_path, monkeypatch, ca
         submitted
         == slurm.build_script(
             TEMPLATE,
-            2,
-            4,
+            slurm.Resources(nodes=2, gpus=4, time="1:00:00", partition="gpu"),
             DIGITS,
             [f"out_dir={tmp_path}/runs", "name=my run"],
-            {"time": "1:00:00", "partition": "gpu"},
         )[0]
     )
     lines = submitted.splitlines()
@@ -286,7 +298,54 @@ def test_slurm_submits_the_rendered_script_with_sbatch(tmp_path, monkeypatch, ca
     assert "#SBATCH --partition=gpu" in lines and "#SBATCH --ntasks-per-node=4" in lines
     assert f"#SBATCH --output={tmp_path}/runs/slurm/%x-%j.out" in lines
     assert (tmp_path / "runs" / "slurm").is_dir()  # sbatch would not create it
-    assert lines[-1].endswith(f"out_dir={tmp_path}/runs 'name=my run'")
+    assert f"out_dir={tmp_path}/runs 'name=my run' &\n" in submitted
+
+
+def test_every_resource_is_an_option_and_gpus_0_renders_a_cpu_job(monkeypatch):
+    monkeypatch.chdir(ROOT)
+    script, _ = slurm.build_script(
+        TEMPLATE,
+        slurm.Resources(
+            nodes=1, gpus=0, tasks_per_node=2, cpus_per_task=1, mem="3G", qos="short",
+            constraint="skylake", account="lab",
+            extra=["--exclusive", "--mail-type=END", "--signal=B:USR1@300"],
+        ),
+        DIGITS,
+    )
+    lines = script.splitlines()
+    directives = [line for line in lines if line.startswith("#SBATCH")]
+    assert not any("--gres" in line or "--mem-per-cpu" in line for line in directives)
+    for line in (
+        "#SBATCH --ntasks-per-node=2", "#SBATCH --cpus-per-task=1", "#SBATCH --mem=3G",
+        "#SBATCH --qos=short", "#SBATCH --constraint=skylake", "#SBATCH --account=lab",
+        "#SBATCH --exclusive", "#SBATCH --mail-type=END", "#SBATCH --time=08:00:00",
+        "#SBATCH --signal=B:USR1@300",
+    ):
+        assert line in directives, line
+    assert len([d for d in directives if d.startswith("#SBATCH --signal")]) == 1
+    assert "trainer.devices=2 trainer.strategy=ddp" in script
+    assert "trainer.accelerator=cpu" in script
+    gpu_script, _ = slurm.build_script(TEMPLATE, slurm.Resources(nodes=1, gpus=2), DIGITS)
+    assert "#SBATCH --gres=gpu:2" in gpu_script and "#SBATCH --cpus-per-task=6" in gpu_script
+    assert "#SBATCH --mem-per-cpu=4G" in gpu_script and "trainer.accelerator=gpu" in gpu_script
+
+
+def test_a_failed_submission_leaves_nothing_behind(tmp_path, monkeypatch, capsys):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    sbatch = bin_dir / "sbatch"
+    sbatch.write_text(
+        '#!/bin/sh\necho "sbatch: error: Invalid generic resource (gres) specification" >&2\nexit 1\n'
+    )
+    sbatch.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    monkeypatch.chdir(ROOT)
+    out = tmp_path / "runs"
+    assert slurm.main([TEMPLATE, "--config", DIGITS, "--nodes", "1", "--gpus", "1", "--", f"out_dir={out}"]) == 2
+    assert capsys.readouterr().err == (
+        "error: sbatch failed: sbatch: error: Invalid generic resource (gres) specification\n"
+    )
+    assert not out.exists()
 
 
 @pytest.mark.parametrize(
@@ -300,7 +359,15 @@ def test_slurm_submits_the_rendered_script_with_sbatch(tmp_path, monkeypatch, ca
             ["--nodes", "1", "--gpus", "1", "--", "trainer.max_epoch=2"],
             "trainer.max_epoch: Key 'max_epoch' not in",
         ),
-        (["--nodes", "0", "--gpus", "1"], "--nodes and --gpus must be at least 1"),
+        (["--nodes", "0", "--gpus", "1"], "--nodes and --tasks-per-node must be at least 1"),
+        (["--nodes", "1", "--gpus", "2", "--tasks-per-node", "3"], "DDP runs one task per GPU"),
+        (["--nodes", "1", "--gpus", "0", "--sbatch", "exclusive"], "'exclusive' is not an sbatch option"),
+        (["--nodes", "1", "--gpus", "1", "--", "data.name=imagenet", "data.root=/nowhere"],
+         "data.root: ImageNet folder '/nowhere' not found"),
+        (["--nodes", "1", "--gpus", "1", "--", "data.name=imagenet", "data.root=/"],
+         "ImageNet folder '/train' not found (expected train/<class>/<image> files)"),
+        (["--nodes", "1", "--gpus", "1", "--", "resume=/nowhere/last.ckpt"],
+         "resume: checkpoint not found: /nowhere/last.ckpt"),
     ],
 )
 def test_slurm_rejects_a_bad_launch_before_submitting(args, needle, capsys, monkeypatch):
@@ -315,22 +382,60 @@ def test_template_placeholders_must_be_known(tmp_path):
     bad = tmp_path / "bad.sbatch"
     bad.write_text(Path(ROOT / TEMPLATE).read_text().replace("{{nodes}}", "{{node}}", 1))
     with pytest.raises(ResensError, match=r"placeholder \{\{node\}\} is unknown"):
-        slurm.build_script(bad, 1, 1, str(ROOT / DIGITS))
+        slurm.build_script(bad, slurm.Resources(), str(ROOT / DIGITS))
 
 
 class _Tiny(L.LightningModule):
+    """One weight; ``validation_step`` counts the validation epochs that ran."""
+
     def __init__(self) -> None:
         super().__init__()
         self.layer = torch.nn.Linear(2, 1)
+        self.validated: list[int] = []
 
     def training_step(self, batch, batch_idx):
         return self.layer(batch[0]).sum()
+
+    def validation_step(self, batch, batch_idx):
+        if batch_idx == 0:
+            self.validated.append(self.current_epoch)
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
-def test_failed_requeue_stops_with_the_checkpoint_to_resume_from(tmp_path, monkeypatch):
+def _tiny_trainer(root: Path, callbacks: list, max_epochs: int) -> L.Trainer:
+    return L.Trainer(
+        default_root_dir=root, max_epochs=max_epochs, callbacks=callbacks, logger=False,
+        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+    )
+
+
+@pytest.mark.parametrize("epoch_steps", [20, 40], ids=["on-the-epochs-last-step", "mid-epoch"])
+def test_a_stop_neither_skips_nor_repeats_a_validation(tmp_path, epoch_steps):
+    """The first check comes at step 20. With 20 steps per epoch that is an epoch's last step,
+    and the check waits for the epoch's end: the checkpoint then lies after the epoch's
+    validation. With 40 it stops mid-epoch, and the resumed run finishes that epoch."""
+    n = SlurmRequeue.check_every_n_steps
+    data = DataLoader(TensorDataset(torch.randn(2 * epoch_steps, 2)), batch_size=2)
+    stopper = SlurmRequeue()
+    stopper.request = SlurmRequeue.REQUEUE  # as if SIGUSR1 had come during the first epoch
+    first = _Tiny()
+    with pytest.raises(Requeued) as stopped:
+        _tiny_trainer(tmp_path, [stopper], 3).fit(first, data, data)
+    stop = stopped.value
+    assert (stop.step, stop.epoch, stop.requeue) == (n, 0, True)
+    assert first.validated == ([0] if epoch_steps == n else [])
+    assert stop.checkpoint == tmp_path / "hpc_ckpt_1.ckpt"
+    assert sorted(p.name for p in tmp_path.glob("*hpc_ckpt_*")) == ["hpc_ckpt_1.ckpt"]  # no partial
+    resumed = _Tiny()
+    trainer = _tiny_trainer(tmp_path, [SlurmRequeue()], 3)
+    trainer.fit(resumed, data, data, ckpt_path=stop.checkpoint, weights_only=True)
+    assert resumed.validated == ([1, 2] if epoch_steps == n else [0, 1, 2])
+    assert trainer.global_step == 3 * epoch_steps
+
+
+def test_without_the_templates_marker_rank_zero_requeues_and_reports_a_failure(tmp_path, monkeypatch):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     scontrol = bin_dir / "scontrol"
@@ -338,28 +443,49 @@ def test_failed_requeue_stops_with_the_checkpoint_to_resume_from(tmp_path, monke
     scontrol.chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
     monkeypatch.setenv("SLURM_JOB_ID", "55")
-    (tmp_path / "hpc_ckpt_3.ckpt").write_bytes(b"an older requeue checkpoint")
-    requeue = SlurmRequeue()
-    requeue.requested = True  # as if SIGUSR1 had come during the first step
-    n = SlurmRequeue.check_every_n_steps  # the ranks look at the flag every n steps only
-    trainer = L.Trainer(
-        default_root_dir=tmp_path,
-        max_steps=n + 5,
-        callbacks=[requeue],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    data = DataLoader(TensorDataset(torch.randn(8, 2)), batch_size=2)
+    monkeypatch.delenv(REQUEUE_MARKER_ENV, raising=False)
+    stop = Requeued(tmp_path / "hpc_ckpt_4.ckpt", 25, 1, requeue=True)
     expected = (
         r"SLURM job 55: scontrol requeue failed \(scontrol: error: Access/permission denied\); "
         rf"resume by hand with resume={tmp_path}/hpc_ckpt_4.ckpt"
     )
-    handler = signal.getsignal(signal.SIGUSR1)
     with pytest.raises(ResensError, match=expected):
-        trainer.fit(_Tiny(), data)
-    assert signal.getsignal(signal.SIGUSR1) == handler
-    assert trainer.global_step == n
-    assert sorted(p.name for p in tmp_path.glob("hpc_ckpt_*")) == ["hpc_ckpt_4.ckpt"]
-    assert torch.load(tmp_path / "hpc_ckpt_4.ckpt", weights_only=True)["global_step"] == n
+        SlurmRequeue.leave(stop, is_global_zero=True)
+    SlurmRequeue.leave(stop, is_global_zero=False)  # other ranks leave without a word
+
+
+def test_with_the_templates_marker_rank_zero_leaves_the_requeue_to_the_batch_script(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("PATH", "/nonexistent")  # no scontrol: it must not be called
+    monkeypatch.setenv("SLURM_JOB_ID", "56")
+    marker = tmp_path / ".requeue-56"
+    monkeypatch.setenv(REQUEUE_MARKER_ENV, str(marker))
+    stop = Requeued(tmp_path / "hpc_ckpt_2.ckpt", 40, 2, requeue=True)
+    SlurmRequeue.leave(stop, is_global_zero=True)
+    assert marker.read_text() == f"{tmp_path}/hpc_ckpt_2.ckpt\n"
+    assert capsys.readouterr().err == (
+        f"SLURM job 56: stopped at step 40 (epoch 2) after a checkpoint; requeued, it resumes "
+        f"from {tmp_path}/hpc_ckpt_2.ckpt\n"
+    )
+    marker.unlink()
+    SlurmRequeue.leave(Requeued(stop.checkpoint, 40, 2, requeue=False), is_global_zero=True)
+    assert not marker.exists(), "after SIGTERM SLURM decides; the script must not requeue"
+    assert "ended by SIGTERM" in capsys.readouterr().err
+
+
+def test_signals_during_start_up_are_recorded_not_fatal(monkeypatch):
+    # before training listens: what resens's import installed in a SLURM job recorded it
+    monkeypatch.setattr(resens, "EARLY_SIGNALS", [signal.SIGUSR1])
+    assert SlurmRequeue().request == SlurmRequeue.REQUEUE and resens.EARLY_SIGNALS == []
+    assert SlurmRequeue().request == SlurmRequeue.NONE
+    stopper = SlurmRequeue()
+    before = signal.getsignal(signal.SIGUSR1), signal.getsignal(signal.SIGTERM)
+    stopper.listen()
+    try:
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert stopper.request == SlurmRequeue.REQUEUE
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert stopper.request == SlurmRequeue.STOP  # SIGTERM outranks the warning
+    finally:
+        stopper.stop_listening()
+    assert (signal.getsignal(signal.SIGUSR1), signal.getsignal(signal.SIGTERM)) == before

@@ -58,7 +58,8 @@ def test_wandb_offline_run_records_config_metrics_and_analysis(run_dir):
     assert run["config"]["model"]["depth"] == 8
     assert "cfg" not in run["config"]  # the config is logged once
     assert run["config"]["run"] == {
-        "id": run_dir.name, "wandb_id": wandb_id(run_dir.name), "dir": str(run_dir), "analysis": "end_of_training"
+        "id": run_dir.name, "wandb_id": wandb_id(run_dir.name), "dir": str(run_dir), "analysis": "end_of_training",
+        "resumed_from": None,
     }
     resolved = run["config"]["resolved"]
     assert resolved["eval_split"] == "test"  # digits has no validation split: the test set evaluates

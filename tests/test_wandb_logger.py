@@ -65,7 +65,30 @@ def test_run_ids_stay_unique_and_readable_for_long_names():
 def test_a_new_run_with_the_id_of_an_old_one_is_not_resumed(tmp_path):
     cfg = config.load(ROOT / DIGITS, ["logger.mode=offline"])
     assert make_logger(cfg, tmp_path, "r")._wandb_init["resume"] is None
-    assert make_logger(cfg, tmp_path, "r", resume=True)._wandb_init["resume"] == "allow"
+    assert make_logger(cfg, tmp_path, "r", resume=True)._wandb_init["resume"] == "must"
+
+
+def test_history_steps_are_the_trainers_so_that_requeued_parts_line_up(tmp_path):
+    """Two offline parts of one run, as a requeue leaves them: the second continues W&B's
+    ``_step`` at its checkpoint's step (not at 0), rows of one step merge, and a log after the
+    training takes the next free step."""
+    cfg = config.load(ROOT / DIGITS, ["logger.mode=offline"])
+    parts = ([0, 5, 5, 9], [10, 12])  # the second part resumes from a checkpoint at step 9
+    for part, steps in enumerate(parts):
+        logger = make_logger(cfg, tmp_path, "r", resume=part > 0)
+        for step in steps:
+            logger.log_metrics({"train/loss": float(step), "epoch": step // 5}, step=step)
+        logger.log_metrics({"analysis/x": 1.0})  # no step: W&B's next one
+        logger.log_metrics({"late": 1.0}, step=3)  # behind W&B's step: moved up, not dropped
+        logger.finish()
+    files = run_files(tmp_path)
+    assert len(files) == 2
+    for steps, path in zip(parts, files, strict=True):
+        history = summarize_run(path)["history"]
+        last = steps[-1]
+        assert [row["_step"] for row in history] == [*sorted(set(steps)), last + 1]
+        assert [row.get("trainer/global_step") for row in history] == [*sorted(set(steps)), 3]
+        assert history[-1]["late"] == 1.0 and history[-2]["analysis/x"] == 1.0
 
 
 def test_unreachable_server_falls_back_to_offline(tmp_path, monkeypatch):
