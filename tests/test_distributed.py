@@ -421,8 +421,10 @@ def test_a_stop_neither_skips_nor_repeats_a_validation(tmp_path, epoch_steps):
     stopper = SlurmRequeue()
     stopper.request = SlurmRequeue.REQUEUE  # as if SIGUSR1 had come during the first epoch
     first = _Tiny()
+    handlers = signal.getsignal(signal.SIGUSR1), signal.getsignal(signal.SIGTERM)
     with pytest.raises(Requeued) as stopped:
         _tiny_trainer(tmp_path, [stopper], 3).fit(first, data, data)
+    assert (signal.getsignal(signal.SIGUSR1), signal.getsignal(signal.SIGTERM)) == handlers
     stop = stopped.value
     assert (stop.step, stop.epoch, stop.requeue) == (n, 0, True)
     assert first.validated == ([0] if epoch_steps == n else [])
