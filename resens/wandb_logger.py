@@ -17,6 +17,7 @@ artifacts in their ``.wandb`` file.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 from collections.abc import Mapping, Sequence
@@ -49,6 +50,27 @@ class Metric:
     summary: str | None = None
 
 
+# W&B's service writes a run's records to its .wandb file every this many seconds (W&B's
+# default: 15); it dies at once on SIGTERM, which SLURM sends to every process of a job, and what
+# it had not written is lost.
+FLUSH_INTERVAL_S = 1.0
+
+
+def _flush_setting(wandb: Any) -> dict[str, float]:
+    """The flush interval as a ``wandb.Settings`` keyword, where this W&B version has it."""
+    name = "x_transaction_log_flush_interval"
+    return {name: FLUSH_INTERVAL_S} if name in getattr(wandb.Settings, "model_fields", {}) else {}
+
+
+def _service_errors() -> tuple[type[BaseException], ...]:
+    """What W&B's calls raise once its service process has ended."""
+    try:
+        from wandb.sdk.mailbox import MailboxClosedError
+    except ImportError:
+        return (ConnectionError,)
+    return (ConnectionError, MailboxClosedError)
+
+
 def checkpoint_alias(sha256: str) -> str:
     """The artifact alias that names one checkpoint file exactly, by its content."""
     return f"sha256-{sha256[:16]}"
@@ -66,8 +88,9 @@ class ResilientWandbLogger(WandbLogger):
         import wandb
 
         # Kept: on a failed online start its mode is switched to offline for the second try.
-        self._settings = wandb.Settings(mode=mode, init_timeout=init_timeout)
+        self._settings = wandb.Settings(mode=mode, init_timeout=init_timeout, **_flush_setting(wandb))
         self._started = False
+        self._lost = False
         self._metrics = list(metrics)
         super().__init__(save_dir=str(save_dir), settings=self._settings, **kwargs)
         # Lightning always passes anonymous (None here), which wandb now warns about on every start
@@ -125,11 +148,31 @@ class ResilientWandbLogger(WandbLogger):
         metrics = dict(metrics)
         if "epoch" in metrics:
             metrics[EPOCH] = metrics.pop("epoch")
-        if step is None:
-            super().log_metrics(metrics)
+        if self._lost:
             return
-        run = self.experiment
-        run.log({**metrics, "trainer/global_step": step}, step=max(step, run.step))
+        try:
+            if step is None:
+                super().log_metrics(metrics)
+                return
+            run = self.experiment
+            run.log({**metrics, "trainer/global_step": step}, step=max(step, run.step))
+        except _service_errors() as err:
+            self._service_lost(err)
+
+    def _service_lost(self, err: BaseException) -> None:
+        """W&B's service process has ended under this one: SLURM's SIGTERM (a cancellation, a
+        preemption, the time limit) reaches every process of a job, W&B's too, and it exits at
+        once. Training goes on without W&B, so that it can still stop with a checkpoint."""
+        import wandb
+
+        self._lost = True
+        with contextlib.suppress(Exception):
+            wandb.teardown()  # else its exit hook prints a traceback
+        warnings.warn(
+            f"W&B's service process has ended ({type(err).__name__}); this process logs no more to "
+            f"W&B. What it logged up to about {FLUSH_INTERVAL_S:g} s before is in {self.save_dir}/wandb/",
+            stacklevel=3,
+        )
 
     def log_checkpoints(self, checkpoints: Mapping[str, str | Path]) -> None:
         """Each file of ``checkpoints`` (alias -> path, e.g. ``{"best": .., "last": ..}``) as a
@@ -195,11 +238,14 @@ class ResilientWandbLogger(WandbLogger):
         """Close the W&B run, if this process has one, so that its files are complete on disk
         (offline runs are then syncable). ``preempted``: the job stops to be requeued; an online
         run is marked preempting first, so that W&B shows it as such, not as crashed."""
-        if self._started:
+        if self._started and not self._lost:
             run = self.experiment
-            if preempted and run.settings.mode == "online":
-                run.mark_preempting()
-            run.finish()
+            try:
+                if preempted and run.settings.mode == "online":
+                    run.mark_preempting()
+                run.finish()
+            except _service_errors() as err:
+                self._service_lost(err)
 
 
 def make_logger(

@@ -29,7 +29,7 @@ from resens.module import eval_split
 from resens.runs import wandb_id
 from tests.helpers import DIGITS, ROOT, TINY, base_env, run
 from tests.slurm_cluster import Cluster, one_host_cluster, why_unavailable
-from tests.wandb_records import _key, finished_records, run_files
+from tests.wandb_records import _key, finished_records, read_records, run_files
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 
@@ -234,3 +234,43 @@ def test_a_submission_the_cluster_refuses_fails_in_one_line_and_leaves_nothing(
     assert done.returncode != 0
     assert done.stderr.splitlines()[0] == f"error: {message}", done.stderr
     assert not out.exists()
+
+
+def test_a_cancelled_job_stops_between_steps_with_a_checkpoint(cluster, tmp_path):
+    """``scancel``: SIGTERM to every process of the job, SIGKILL ``KillWait`` (here 10) seconds
+    later. The tasks stop at their next check with a checkpoint and exit; nothing requeues the
+    job. W&B's service process dies of the SIGTERM at once: what it flushed stays (the run logs
+    with a flush every second), the rest is lost, and training goes on without it."""
+    out = tmp_path / "runs"
+    submitted = run(
+        ["make", "-s", "slurm-cifar", "GPUS=0", "TASKS=2", "CPUS=1", "MEM=2G", f"CONFIG={DIGITS}",
+         f"OUT={out}", f"ARGS={' '.join(JOB)}"],
+        base_env(SLURM_CONF=cluster.env["SLURM_CONF"]),
+        timeout=120,
+    )
+    assert submitted.returncode == 0, submitted.stderr
+    job_id = re.search(r"Submitted batch job (\d+)", submitted.stdout)[1]
+    run_dir = out / f"{NAME}-slurm{job_id}"
+    deadline = time.monotonic() + 300
+    while not (run_dir / "checkpoints" / "last.ckpt").is_file():
+        assert time.monotonic() < deadline and cluster.job(job_id)["JobState"] not in ENDED
+        time.sleep(0.5)
+    time.sleep(3)  # the first epoch's validation was logged: W&B flushes it to disk meanwhile
+    cluster.run("scancel", job_id)
+    final = cluster.wait_state(job_id, ENDED, timeout=60)
+    assert final["JobState"] == "CANCELLED" and final["Restarts"] == "0"
+    log = (out / "slurm" / f"{NAME}-{job_id}.out").read_text()
+    checkpoint = run_dir / "hpc_ckpt_1.ckpt"
+    step = load_checkpoint(checkpoint)["global_step"]
+    assert STEPS_PER_EPOCH <= step < EPOCHS * STEPS_PER_EPOCH
+    assert (
+        f"SLURM job {job_id}: stopped at step {step} (epoch {step // STEPS_PER_EPOCH}) after a checkpoint; "
+        f"ended by SIGTERM; a requeued job resumes from {checkpoint} (or resume={checkpoint})"
+    ) in log
+    assert "Traceback" not in log
+    assert "W&B's service process has ended" in log
+    assert not list((out / "slurm").glob(".requeue-*"))
+    (part,) = run_files(out)
+    split = eval_split(config.load(ROOT / DIGITS, JOB))
+    history = [{_key(i) for i in r.history.item} for r in read_records(part) if r.WhichOneof("record_type") == "history"]
+    assert any(f"{split}/error" in row for row in history), "the first epoch's validation is on disk"

@@ -108,3 +108,33 @@ def test_an_unknown_mode_is_a_config_error(monkeypatch):
     cfg = config.load(ROOT / DIGITS)
     with pytest.raises(config.ConfigError, match="logger.mode: 'sometimes' is not one of"):
         make_logger(cfg, ROOT / "unused", "x")
+
+
+def test_a_killed_wandb_service_stops_the_logging_not_the_training(tmp_path):
+    """SLURM's SIGTERM reaches W&B's service process too, which exits at once. What was logged
+    a flush interval before is on disk; later logs and the finish are dropped with a warning."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from resens.wandb_logger import FLUSH_INTERVAL_S
+    from tests.wandb_records import read_records
+
+    cfg = config.load(ROOT / DIGITS, ["logger.mode=offline"])
+    logger = make_logger(cfg, tmp_path, "killed")
+    logger.log_metrics({"train/loss": 1.0}, step=1)
+    logger.log_metrics({"train/loss": 0.5}, step=2)  # commits step 1's row
+    time.sleep(3 * FLUSH_INTERVAL_S)
+    children = subprocess.run(["pgrep", "-P", str(os.getpid())], capture_output=True, text=True).stdout.split()
+    assert children, "W&B's service process runs as a child of this one"
+    for pid in children:
+        os.kill(int(pid), signal.SIGTERM)
+    time.sleep(1)
+    with pytest.warns(UserWarning, match=r"W&B's service process has ended .*logs no more to W&B"):
+        logger.log_metrics({"train/loss": 0.25}, step=3)
+    logger.log_metrics({"train/loss": 0.125}, step=4)  # silently dropped from now on
+    logger.finish()
+    (path,) = run_files(tmp_path)
+    steps = [r.history.step.num for r in read_records(path) if r.WhichOneof("record_type") == "history"]
+    assert steps == [1]
