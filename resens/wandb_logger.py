@@ -65,10 +65,10 @@ def _flush_setting(wandb: Any) -> dict[str, float]:
 def _service_errors() -> tuple[type[BaseException], ...]:
     """What W&B's calls raise once its service process has ended."""
     try:
-        from wandb.sdk.mailbox import MailboxClosedError
+        from wandb.sdk.mailbox import HandleAbandonedError, MailboxClosedError
     except ImportError:
         return (ConnectionError,)
-    return (ConnectionError, MailboxClosedError)
+    return (ConnectionError, MailboxClosedError, HandleAbandonedError)
 
 
 def checkpoint_alias(sha256: str) -> str:
@@ -171,7 +171,7 @@ class ResilientWandbLogger(WandbLogger):
         warnings.warn(
             f"W&B's service process has ended ({type(err).__name__}); this process logs no more to "
             f"W&B. What it logged up to about {FLUSH_INTERVAL_S:g} s before is in {self.save_dir}/wandb/",
-            stacklevel=3,
+            stacklevel=2,
         )
 
     def log_checkpoints(self, checkpoints: Mapping[str, str | Path]) -> None:
