@@ -162,10 +162,6 @@ class SlurmRequeue(Checkpoint):
         early.clear()
         self._previous: dict[int, Any] = {}
 
-    @property
-    def requested(self) -> bool:
-        return self.request != self.NONE
-
     def listen(self) -> None:
         """Handle SIGUSR1 and SIGTERM from now on (main thread only). Called at the start of the
         process, so that a signal during start-up is not fatal, and again when training starts,

@@ -166,8 +166,9 @@ def test_sigusr1_checkpoints_and_requeues_the_job(job):
     assert 0 < step < EPOCHS * STEPS_PER_EPOCH and step % SlurmRequeue.check_every_n_steps == 0
     assert "RNGState" in hpc["callbacks"] and "model._extra_state" in hpc["state_dict"]
     # one line from global rank 0 says where the job resumes; no rank prints a traceback
+    # a stop at an epoch's end (after its validation) counts in that epoch
     line = (
-        f"SLURM job {JOB_ID}: stopped at step {step} (epoch {step // STEPS_PER_EPOCH}) after a "
+        f"SLURM job {JOB_ID}: stopped at step {step} (epoch {(step - 1) // STEPS_PER_EPOCH}) after a "
         f"checkpoint; requeued, it resumes from {job.run_dir}/hpc_ckpt_1.ckpt"
     )
     assert job.logs[0][0].rstrip().endswith(line)
@@ -257,13 +258,17 @@ def test_ddp_analyses_equal_single_process_analyses(job, lesions):
     assert lesions["one"]["multi_deletion"] and lesions["one"]["reorder"]
 
 
-def test_slurm_submits_the_rendered_script_with_sbatch(tmp_path, monkeypatch, capsys):
+def _stand_in(monkeypatch, tmp_path: Path, tool: str, script: str) -> None:
+    """A shell script named ``tool`` first on PATH."""
     bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    sbatch = bin_dir / "sbatch"
-    sbatch.write_text(f'#!/bin/sh\ncat > {tmp_path}/submitted\necho "Submitted batch job 99"\n')
-    sbatch.chmod(0o755)
+    bin_dir.mkdir(exist_ok=True)
+    (bin_dir / tool).write_text(f"#!/bin/sh\n{script}\n")
+    (bin_dir / tool).chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+
+
+def test_slurm_submits_the_rendered_script_with_sbatch(tmp_path, monkeypatch, capsys):
+    _stand_in(monkeypatch, tmp_path, "sbatch", f'cat > {tmp_path}/submitted\necho "Submitted batch job 99"')
     monkeypatch.chdir(ROOT)
     args = [
         TEMPLATE,
@@ -331,14 +336,8 @@ def test_every_resource_is_an_option_and_gpus_0_renders_a_cpu_job(monkeypatch):
 
 
 def test_a_failed_submission_leaves_nothing_behind(tmp_path, monkeypatch, capsys):
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    sbatch = bin_dir / "sbatch"
-    sbatch.write_text(
-        '#!/bin/sh\necho "sbatch: error: Invalid generic resource (gres) specification" >&2\nexit 1\n'
-    )
-    sbatch.chmod(0o755)
-    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    _stand_in(monkeypatch, tmp_path, "sbatch",
+              'echo "sbatch: error: Invalid generic resource (gres) specification" >&2\nexit 1')
     monkeypatch.chdir(ROOT)
     out = tmp_path / "runs"
     assert slurm.main([TEMPLATE, "--config", DIGITS, "--nodes", "1", "--gpus", "1", "--", f"out_dir={out}"]) == 2
@@ -438,12 +437,7 @@ def test_a_stop_neither_skips_nor_repeats_a_validation(tmp_path, epoch_steps):
 
 
 def test_without_the_templates_marker_rank_zero_requeues_and_reports_a_failure(tmp_path, monkeypatch):
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    scontrol = bin_dir / "scontrol"
-    scontrol.write_text('#!/bin/sh\necho "scontrol: error: Access/permission denied" >&2\nexit 1\n')
-    scontrol.chmod(0o755)
-    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    _stand_in(monkeypatch, tmp_path, "scontrol", 'echo "scontrol: error: Access/permission denied" >&2\nexit 1')
     monkeypatch.setenv("SLURM_JOB_ID", "55")
     monkeypatch.delenv(REQUEUE_MARKER_ENV, raising=False)
     stop = Requeued(tmp_path / "hpc_ckpt_4.ckpt", 25, 1, requeue=True)

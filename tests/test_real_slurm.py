@@ -263,8 +263,9 @@ def test_a_cancelled_job_stops_between_steps_with_a_checkpoint(cluster, tmp_path
     checkpoint = run_dir / "hpc_ckpt_1.ckpt"
     step = load_checkpoint(checkpoint)["global_step"]
     assert STEPS_PER_EPOCH <= step < EPOCHS * STEPS_PER_EPOCH
+    # a stop at an epoch's end (after its validation) counts in that epoch
     assert (
-        f"SLURM job {job_id}: stopped at step {step} (epoch {step // STEPS_PER_EPOCH}) after a checkpoint; "
+        f"SLURM job {job_id}: stopped at step {step} (epoch {(step - 1) // STEPS_PER_EPOCH}) after a checkpoint; "
         f"ended by SIGTERM; a requeued job resumes from {checkpoint} (or resume={checkpoint})"
     ) in log
     assert "Traceback" not in log
